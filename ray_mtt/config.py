@@ -1,0 +1,249 @@
+"""Typed configs for every stage, loaded from configs/<dataset>_ipc<k>.yaml and the command line.
+
+Precedence: dataclass defaults < YAML file < command-line flags. Every field is a flag named
+`--section.field` (e.g. `--distill.syn_steps 30`); `--dataset`, `--ipc` and `--data-dir` are
+short forms of the most used ones.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"
+    data_dir: str = ""  # folder with <dataset>.npz or the official files; "" = built-in/default location
+    download: bool = False  # fetch the official files into data_dir when missing (needs internet)
+    zca: bool = False  # ZCA whitening instead of mean/std normalization (kornia, eps 0.1)
+    val_per_class: int = 10  # real images per class held out from training, for checkpoint selection
+
+
+@dataclass
+class ModelConfig:
+    name: str = "convnet"
+    width: int = 128
+    depth: int = 0  # ConvNet depth; 0 = by resolution (3 at 32 px, 4 at 64 px, 5 at 128 px)
+
+
+@dataclass
+class AugmentConfig:
+    strategy: str = "color_crop_cutout_flip_scale_rotate"  # DSA op groups, one drawn per batch; "none" disables
+    siamese: bool = False  # share one parameter draw across the batch (DSA) instead of one per image (MTT)
+
+
+@dataclass
+class ExpertConfig:
+    num_experts: int = 4
+    epochs: int = 10  # epochs per expert; only max_start_epoch + expert_epochs are ever used
+    lr: float = 0.01
+    batch_size: int = 256
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    dir: str = ""  # trajectory store; "" = <run_dir>/<dataset>/experts_<model>[_zca]
+
+
+@dataclass
+class DistillConfig:
+    ipc: int = 1
+    syn_steps: int = 20  # N: student steps on the synthetic set per iteration
+    expert_epochs: int = 2  # M: target is M expert epochs after the start
+    max_start_epoch: int = 5  # T+: start epoch drawn from {0, ..., T+ - 1}
+    iterations: int = 300
+    lr_img: float = 100.0
+    lr_lr: float = 1e-5
+    lr_teacher: float = 0.01  # initial learnable student step size alpha
+    batch_syn: int = 0  # synthetic minibatch per student step; 0 = the whole set
+    init: str = "real"  # real | noise
+    grad_mode: str = "unrolled"  # unrolled (keep the whole graph) | checkpointed (memory flat in N)
+    eval_every: int = 100  # evaluate on the validation split every k iterations (0 = only at the end)
+    eval_runs: int = 2  # networks trained per periodic validation
+    out_dir: str = ""  # "" = <run_dir>/<dataset>/ipc<ipc>
+
+
+@dataclass
+class EvalConfig:
+    models: list[str] = field(default_factory=lambda: ["convnet"])
+    num_runs: int = 5
+    epochs: int = 1000
+    batch_size: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_real: float = 0.01  # step size for the random-real baseline (it has no learned lr)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    experts: ExpertConfig = field(default_factory=ExpertConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    run_dir: str = "runs"
+
+    @property
+    def expert_dir(self) -> Path:
+        if self.experts.dir:
+            return Path(self.experts.dir)
+        suffix = "_zca" if self.data.zca else ""
+        return Path(self.run_dir) / self.data.dataset / f"experts_{self.model.name}{suffix}"
+
+    @property
+    def distill_dir(self) -> Path:
+        if self.distill.out_dir:
+            return Path(self.distill.out_dir)
+        return Path(self.run_dir) / self.data.dataset / f"ipc{self.distill.ipc}"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "Config":
+        d, e, v = self.distill, self.experts, self.eval
+        checks = [
+            (d.ipc >= 1, f"distill.ipc must be >= 1, got {d.ipc}"),
+            (d.syn_steps >= 1, f"distill.syn_steps must be >= 1, got {d.syn_steps}"),
+            (d.expert_epochs >= 1, f"distill.expert_epochs must be >= 1, got {d.expert_epochs}"),
+            (d.max_start_epoch >= 1, f"distill.max_start_epoch must be >= 1, got {d.max_start_epoch}"),
+            (d.iterations >= 0, f"distill.iterations must be >= 0, got {d.iterations}"),
+            (d.lr_img > 0 and d.lr_lr >= 0 and d.lr_teacher > 0, "distill learning rates must be positive"),
+            (d.batch_syn >= 0, f"distill.batch_syn must be >= 0 (0 = all), got {d.batch_syn}"),
+            (d.init in ("real", "noise"), f"distill.init must be 'real' or 'noise', got {d.init!r}"),
+            (d.grad_mode in ("unrolled", "checkpointed"),
+             f"distill.grad_mode must be 'unrolled' or 'checkpointed', got {d.grad_mode!r}"),
+            (d.eval_every >= 0 and d.eval_runs >= 1, "distill.eval_every must be >= 0 and distill.eval_runs >= 1"),
+            (e.num_experts >= 1 and e.epochs >= 1, "experts.num_experts and experts.epochs must be >= 1"),
+            (e.lr > 0 and e.batch_size >= 1, "experts.lr must be > 0 and experts.batch_size >= 1"),
+            (v.num_runs >= 1 and v.epochs >= 1 and v.batch_size >= 1, "eval.num_runs, eval.epochs, eval.batch_size must be >= 1"),
+            (len(v.models) >= 1, "eval.models must name at least one model"),
+            (self.data.val_per_class >= 0, "data.val_per_class must be >= 0"),
+            (self.model.width >= 1 and self.model.depth >= 0, "model.width must be >= 1 and model.depth >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+        return self
+
+
+SECTIONS = [f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.default_factory)]
+SHORT_FLAGS = {"--dataset": "data.dataset", "--ipc": "distill.ipc", "--data-dir": "data.data_dir"}
+
+
+def _field_types(cls) -> dict[str, type]:
+    return typing.get_type_hints(cls)
+
+
+def _parse_value(text: str, kind, key: str):
+    try:
+        if kind is bool:
+            lowered = str(text).lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if typing.get_origin(kind) is list:
+            items = text if isinstance(text, list) else [s for s in str(text).split(",") if s]
+            return [str(s) for s in items]
+        if kind is float and isinstance(text, str):
+            return float(text)
+        return kind(text)
+    except (TypeError, ValueError):
+        raise UserError(f"{key}: cannot read {text!r} as {getattr(kind, '__name__', kind)}; fix the value") from None
+
+
+def apply_overrides(cfg: Config, values: dict, source: str) -> Config:
+    """Set `section.field` (or top-level field) values, rejecting unknown keys by name."""
+    top_types = _field_types(Config)
+    for key, value in values.items():
+        section, _, name = key.partition(".")
+        if name:
+            if section not in SECTIONS:
+                raise UserError(f"{source}: unknown config section {section!r}; known: {', '.join(SECTIONS)}")
+            target = getattr(cfg, section)
+            types = _field_types(type(target))
+            if name not in types:
+                raise UserError(f"{source}: unknown key {key!r}; known in {section}: {', '.join(types)}")
+            setattr(target, name, _parse_value(value, types[name], key))
+        elif key in top_types and key not in SECTIONS:
+            setattr(cfg, key, _parse_value(value, top_types[key], key))
+        else:
+            raise UserError(f"{source}: unknown config key {key!r}")
+    return cfg
+
+
+def _flatten_yaml(tree: dict, source: str) -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            if key not in SECTIONS:
+                raise UserError(f"{source}: unknown config section {key!r}; known: {', '.join(SECTIONS)}")
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} not found; pass an existing --config or omit it")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"config file {path} must hold a mapping of sections")
+    return _flatten_yaml(tree, str(path))
+
+
+def default_config_path(dataset: str, ipc: int) -> Path:
+    return CONFIG_DIR / f"{dataset}_ipc{ipc}.yaml"
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """Add --config, the short flags, and one `--section.field` flag per config field."""
+    parser.add_argument("--config", help="YAML config; default configs/<dataset>_ipc<ipc>.yaml when it exists")
+    parser.add_argument("--dataset", dest="data.dataset", default=argparse.SUPPRESS, help="short for --data.dataset")
+    parser.add_argument("--ipc", dest="distill.ipc", default=argparse.SUPPRESS, help="short for --distill.ipc")
+    parser.add_argument("--data-dir", dest="data.data_dir", default=argparse.SUPPRESS, help="short for --data.data_dir")
+    defaults = Config()
+    for section in SECTIONS:
+        group = parser.add_argument_group(section)
+        obj = getattr(defaults, section)
+        for name, kind in _field_types(type(obj)).items():
+            default = getattr(obj, name)
+            shown = ",".join(default) if isinstance(default, list) else default
+            group.add_argument(f"--{section}.{name}", dest=f"{section}.{name}", default=argparse.SUPPRESS,
+                               metavar=getattr(kind, "__name__", "LIST").upper(), help=f"default: {shown}")
+    top = parser.add_argument_group("run")
+    for name, kind in _field_types(Config).items():
+        if name not in SECTIONS:
+            top.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, help=f"default: {getattr(defaults, name)}")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Defaults, then the YAML (explicit --config or the shipped one for dataset x IPC), then flags."""
+    cli = {k: v for k, v in vars(args).items() if "." in k or k in ("device", "seed", "run_dir")}
+    cfg = Config()
+    config_path = getattr(args, "config", None)
+    if config_path is None:
+        dataset = cli.get("data.dataset", cfg.data.dataset)
+        ipc = _parse_value(cli.get("distill.ipc", cfg.distill.ipc), int, "distill.ipc")
+        shipped = default_config_path(dataset, ipc)
+        config_path = shipped if shipped.is_file() else None
+    if config_path is not None:
+        apply_overrides(cfg, load_yaml(config_path), str(config_path))
+    apply_overrides(cfg, cli, "command line")
+    return cfg.validate()

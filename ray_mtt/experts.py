@@ -1,0 +1,116 @@
+"""Phase 1: train expert networks on the real data and save their parameters after every epoch.
+
+`train_expert` is the unit of work the orchestration layer fans out; it resumes from the last
+saved epoch, so a killed run (or a restarted Ray worker) never redoes finished epochs. Run
+locally with `python -m ray_mtt.experts`.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from .augment import DSA
+from .config import Config, add_config_args, config_from_args
+from .data import Dataset, load_dataset
+from .errors import run_cli
+from .models import FlatModel, build_model, default_depth
+from .train import accuracy, resolve_device, train_epoch
+from .trajectories import TrajectoryStore
+
+EpochCallback = Callable[[int, int, dict], None]  # (expert index, epoch, metrics)
+
+
+def store_identity(cfg: Config, data: Dataset, num_params: int) -> dict:
+    """What a trajectory store records about its experts (and what readers must match)."""
+    spec = data.spec
+    return {"dataset": spec.name, "model": cfg.model.name, "width": cfg.model.width,
+            "depth": cfg.model.depth or default_depth(spec.size), "zca": cfg.data.zca,
+            "val_per_class": cfg.data.val_per_class, "num_params": num_params,
+            "channels": spec.channels, "size": spec.size, "num_classes": spec.num_classes,
+            "lr": cfg.experts.lr, "batch_size": cfg.experts.batch_size, "augment": cfg.augment.strategy}
+
+
+def build_expert_model(cfg: Config, data: Dataset) -> torch.nn.Module:
+    spec = data.spec
+    return build_model(cfg.model.name, spec.channels, spec.num_classes, spec.size, cfg.model.width, cfg.model.depth)
+
+
+def expert_seed(cfg: Config, index: int) -> int:
+    return cfg.seed * 1_000_003 + index
+
+
+def train_expert(cfg: Config, data: Dataset, store: TrajectoryStore, index: int,
+                 on_epoch: EpochCallback | None = None, progress: bool = False) -> dict:
+    """Train expert `index` for cfg.experts.epochs epochs, resuming after its last saved epoch."""
+    device = data.x_train.device
+    seed = expert_seed(cfg, index)
+    torch.manual_seed(seed)
+    model = build_expert_model(cfg, data).to(device)
+    flat = FlatModel(model)
+    saved = store.saved_epochs(index)
+    if saved:
+        flat.load(store.load_epoch(index, len(saved) - 1).to(device))
+    else:
+        store.save_epoch(index, 0, flat.flatten(), {"epoch": 0, "test_acc": None, "train_loss": None})
+        saved = [None]
+    ex = cfg.experts
+    # Momentum state is not part of a trajectory (the paper uses none); a resumed expert restarts it at zero.
+    optimizer = torch.optim.SGD(model.parameters(), lr=ex.lr, momentum=ex.momentum, weight_decay=ex.weight_decay)
+    augment = DSA(cfg.augment.strategy, cfg.augment.siamese)
+    epochs = range(len(saved), ex.epochs + 1)
+    for epoch in tqdm(epochs, desc=f"expert {index}", disable=not progress, leave=False):
+        # Seed each epoch from (expert, epoch) so a resumed expert sees the same data order and augmentation.
+        torch.manual_seed(seed * 1000 + epoch)
+        gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+        start = time.perf_counter()
+        loss = train_epoch(model, optimizer, data.x_train, data.y_train, ex.batch_size, data.preprocess, augment, gen)
+        metrics = {"epoch": epoch, "train_loss": float(loss), "seconds": time.perf_counter() - start,
+                   "test_acc": accuracy(model, data.x_test, data.y_test, data.preprocess)}
+        store.save_epoch(index, epoch, flat.flatten(), metrics)
+        if on_epoch is not None:
+            on_epoch(index, epoch, metrics)
+    store.finish(index, {"seed": seed, "num_epochs": ex.epochs})
+    return store.open(index).info
+
+
+def train_experts(cfg: Config, data: Dataset, progress: bool = True) -> TrajectoryStore:
+    """Train every expert of cfg.experts that the store does not hold yet (the local, one-process path)."""
+    store = open_store_for_training(cfg, data)
+    todo = [k for k in range(cfg.experts.num_experts) if k not in set(store.completed())]
+    bar = tqdm(total=cfg.experts.num_experts, initial=cfg.experts.num_experts - len(todo), desc="experts",
+               disable=not progress)
+    for k in todo:
+        info = train_expert(cfg, data, store, k, progress=progress)
+        bar.update(1)
+        bar.set_postfix(test_acc=f"{info['epochs'][-1]['test_acc']:.3f}")
+    bar.close()
+    return store
+
+
+def open_store_for_training(cfg: Config, data: Dataset) -> TrajectoryStore:
+    store = TrajectoryStore(cfg.expert_dir)
+    num_params = FlatModel(build_expert_model(cfg, data)).num_params
+    store.init(store_identity(cfg, data, num_params))
+    return store
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ray_mtt.experts", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    cfg = config_from_args(parser.parse_args(argv))
+    device = resolve_device(cfg.device)
+    data = load_dataset(cfg.data, device)
+    start = time.perf_counter()
+    store = train_experts(cfg, data)
+    accs = [store.open(k).info["epochs"][-1]["test_acc"] for k in store.completed()]
+    print(f"{len(accs)} experts in {store.root} ({time.perf_counter() - start:.0f} s); "
+          f"final test accuracy {sum(accs) / len(accs):.3f} mean over experts")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,148 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ray_mtt.config import DataConfig
+from ray_mtt.data import IMAGENET_SUBSETS, Preprocess, fit_zca, load_dataset, split_validation
+from ray_mtt.errors import UserError
+
+
+def write_cifar10(root, n_per_batch=20):
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        images = rng.integers(0, 256, (n_per_batch, 3, 32, 32), dtype=np.uint8)
+        labels = [i % 10 for i in range(n_per_batch)]
+        batches[name] = (images, labels)
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": images.reshape(n_per_batch, -1), b"labels": labels}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, f)
+    return batches
+
+
+def test_cifar10_python_batches_are_read_with_planes_in_order(tmp_path):
+    batches = write_cifar10(tmp_path)
+    data = load_dataset(DataConfig(dataset="cifar10", data_dir=str(tmp_path), val_per_class=1))
+    assert data.classes[3] == "c3"
+    assert len(data.x_train) == 100 - 10 and len(data.x_val) == 10
+    images, labels = batches["test_batch"]
+    assert torch.equal(data.x_test, torch.from_numpy(images))  # (N, C, H, W): R, G, B planes
+    assert data.y_test.tolist() == labels
+
+
+def test_truncated_cifar_batch_is_a_clear_error(tmp_path):
+    write_cifar10(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(UserError, match="data_batch_3.*damaged"):
+        load_dataset(DataConfig(dataset="cifar10", data_dir=str(tmp_path)))
+
+
+def _jpeg(path, color):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (80, 64), color).save(path)
+
+
+def test_tiny_imagenet_reads_val_labels_from_annotations(tmp_path):
+    root = tmp_path / "tiny-imagenet-200"
+    wnids = ["n02", "n01", "n03"]  # class index = sorted order
+    root.mkdir()
+    (root / "wnids.txt").write_text("\n".join(wnids))
+    (root / "words.txt").write_text("n01\tgoldfish\nn02\tshark\nn03\tray\n")
+    for i, w in enumerate(sorted(wnids)):
+        for k in range(2):
+            _jpeg(root / "train" / w / "images" / f"{w}_{k}.JPEG", (80 * i, 0, 0))
+    lines = []
+    for k, w in enumerate(["n03", "n01", "n02", "n03"]):
+        _jpeg(root / "val" / "images" / f"val_{k}.JPEG", (0, 0, 0))
+        lines.append(f"val_{k}.JPEG\t{w}\t0\t0\t10\t10")
+    (root / "val" / "val_annotations.txt").write_text("\n".join(lines))
+    from ray_mtt import data as data_module
+    spec = data_module.DATASETS["tiny_imagenet"]
+    raw = spec.read(tmp_path, False, spec)
+    assert raw.y_test.tolist() == [2, 0, 1, 2]  # not all one class
+    assert raw.y_train.tolist() == [0, 0, 1, 1, 2, 2]
+    assert raw.x_train.shape == (6, 64, 64, 3) and raw.classes == ["goldfish", "shark", "ray"]
+    assert abs(int(raw.x_train[2, 0, 0, 0]) - 80) <= 2  # class 1 images are the red ones (JPEG is lossy)
+
+
+def test_imagenet_subset_picks_classes_by_imagenet_index(tmp_path):
+    wnids = [f"n{i:08d}" for i in range(1000)]
+    for split in ("train", "val"):
+        for w in wnids:
+            (tmp_path / split / w).mkdir(parents=True)
+    chosen = IMAGENET_SUBSETS["imagenette"]
+    for label, idx in enumerate(chosen[:2]):
+        _jpeg(tmp_path / "train" / wnids[idx] / "a.JPEG", (label * 100, 0, 0))
+        _jpeg(tmp_path / "val" / wnids[idx] / "b.JPEG", (label * 100, 0, 0))
+    from ray_mtt import data as data_module
+    spec = data_module.DATASETS["imagenette"]
+    raw = spec.read(tmp_path, False, spec)
+    assert raw.x_train.shape == (2, 128, 128, 3) and raw.y_train.tolist() == [0, 1]
+    assert raw.classes[1] == wnids[217]
+
+
+def test_imagenet_subset_needs_the_full_class_list(tmp_path):
+    (tmp_path / "train" / "n1").mkdir(parents=True)
+    (tmp_path / "val").mkdir()
+    with pytest.raises(UserError, match="1000 ImageNet-1k classes"):
+        load_dataset(DataConfig(dataset="imagewoof", data_dir=str(tmp_path)))
+
+
+def test_npz_format_and_shape_errors(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (40, 28, 28, 1), dtype=np.uint8)
+    y = np.arange(40) % 10
+    np.savez(tmp_path / "mnist.npz", x_train=x, y_train=y, x_test=x[:10], y_test=y[:10])
+    data = load_dataset(DataConfig(dataset="mnist", data_dir=str(tmp_path), val_per_class=1))
+    assert data.x_train.shape == (30, 1, 28, 28) and data.x_train.dtype == torch.uint8
+    np.savez(tmp_path / "mnist.npz", x_train=x[..., 0], y_train=y, x_test=x[:10], y_test=y[:10])
+    with pytest.raises(UserError, match=r"x_train is uint8 \(40, 28, 28\), expected uint8 \(N, 28, 28, 1\)"):
+        load_dataset(DataConfig(dataset="mnist", data_dir=str(tmp_path)))
+
+
+def test_missing_and_unknown(tmp_path):
+    with pytest.raises(UserError, match="unknown dataset 'cifar11'; known: cifar10, cifar100"):
+        load_dataset(DataConfig(dataset="cifar11"))
+    with pytest.raises(UserError, match="does not exist"):
+        load_dataset(DataConfig(dataset="cifar10", data_dir=str(tmp_path / "nope")))
+    with pytest.raises(UserError, match="cifar10 not found in .*cifar-10-batches-py.*--data.download true"):
+        load_dataset(DataConfig(dataset="cifar10", data_dir=str(tmp_path)))
+
+
+def test_validation_split_is_stratified_disjoint_and_fixed():
+    y = np.repeat(np.arange(5), 20)
+    train, val = split_validation(y, 3, 5)
+    assert len(set(train) & set(val)) == 0 and len(train) + len(val) == 100
+    assert np.bincount(y[val]).tolist() == [3] * 5
+    assert np.array_equal(val, split_validation(y, 3, 5)[1])
+
+
+def test_ipc_larger_than_a_class_is_an_error(digits):
+    with pytest.raises(UserError, match="fewer than ipc=500"):
+        digits.random_real(500, torch.Generator().manual_seed(0))
+
+
+def test_zca_whitens_and_inverts(digits):
+    zca = fit_zca(digits.x_train)
+    pre = Preprocess((0.0,), (1.0,), zca)
+    x = digits.x_train  # the fit set: sample noise in the correlations stays small
+    white = pre(x)
+    assert torch.allclose(pre.inverse(white), x.float() / 255, atol=1e-3)
+    plain = Preprocess((0.0,), (1.0,))(x)
+
+    def mean_abs_correlation(t):  # over pixels that vary (digits have constant border pixels)
+        t = t.flatten(1)
+        t = t[:, t.std(0) > 1e-3]
+        c = torch.corrcoef(t.T)
+        return (c - torch.eye(len(c))).abs().sum() / (len(c) * (len(c) - 1))
+    # eps=0.1 (the paper's) regularises, so it only partly decorrelates; a tiny eps whitens fully.
+    assert mean_abs_correlation(white) < 0.75 * mean_abs_correlation(plain)
+    full = Preprocess((0.0,), (1.0,), fit_zca(digits.x_train, eps=1e-5))(x)
+    assert mean_abs_correlation(full) < 0.2 * mean_abs_correlation(plain)

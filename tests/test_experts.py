@@ -1,0 +1,51 @@
+import torch
+
+from ray_mtt.experts import open_store_for_training, train_expert, train_experts
+from tests.conftest import tiny_config
+
+
+class Killed(Exception):
+    pass
+
+
+def test_trajectory_snapshots_differ_and_accuracy_rises(tmp_path, digits):
+    cfg = tiny_config(tmp_path)
+    store = train_experts(cfg, digits, progress=False)
+    traj = store.open(0)
+    assert traj.num_snapshots == cfg.experts.epochs + 1
+    assert not torch.equal(traj.snapshot(0), traj.snapshot(cfg.experts.epochs))
+    assert traj.info["epochs"][-1]["test_acc"] > 0.3  # chance is 0.1
+
+
+def test_killed_expert_resumes_without_redoing_epochs_and_matches_uninterrupted(tmp_path, digits):
+    cfg = tiny_config(tmp_path)
+    store = open_store_for_training(cfg, digits)
+
+    def die_after_epoch_2(index, epoch, metrics):
+        if epoch == 2:
+            raise Killed
+
+    try:
+        train_expert(cfg, digits, store, 0, on_epoch=die_after_epoch_2)
+    except Killed:
+        pass
+    assert store.completed() == [] and len(store.saved_epochs(0)) == 3
+    epochs_run = []
+    train_expert(cfg, digits, store, 0, on_epoch=lambda k, e, m: epochs_run.append(e))
+    assert epochs_run == [3]  # epochs 1 and 2 were not redone
+
+    straight = tiny_config(tmp_path / "straight")
+    reference = train_experts(straight, digits, progress=False).open(0)
+    resumed = store.open(0)
+    for e in range(4):
+        assert torch.equal(resumed.snapshot(e), reference.snapshot(e))
+
+
+def test_finished_experts_are_skipped(tmp_path, digits):
+    cfg = tiny_config(tmp_path)
+    store = train_experts(cfg, digits, progress=False)
+    before = (store.root / "expert_0000.npy").stat().st_mtime_ns
+    cfg.experts.num_experts = 2
+    train_experts(cfg, digits, progress=False)
+    assert store.completed() == [0, 1]
+    assert (store.root / "expert_0000.npy").stat().st_mtime_ns == before
