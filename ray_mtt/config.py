@@ -67,6 +67,7 @@ class DistillConfig:
     grad_mode: str = "unrolled"  # unrolled (keep the whole graph) | checkpointed (memory flat in N)
     eval_every: int = 100  # evaluate on the validation split every k iterations (0 = only at the end)
     eval_runs: int = 2  # networks trained per periodic validation
+    eval_epochs: int = 0  # training epochs of each periodic validation; 0 = eval.epochs (a shorter proxy saves time)
     out_dir: str = ""  # "" = <run_dir>/<dataset>/ipc<ipc>
 
 
@@ -122,7 +123,8 @@ class Config:
             (d.init in ("real", "noise"), f"distill.init must be 'real' or 'noise', got {d.init!r}"),
             (d.grad_mode in ("unrolled", "checkpointed"),
              f"distill.grad_mode must be 'unrolled' or 'checkpointed', got {d.grad_mode!r}"),
-            (d.eval_every >= 0 and d.eval_runs >= 1, "distill.eval_every must be >= 0 and distill.eval_runs >= 1"),
+            (d.eval_every >= 0 and d.eval_runs >= 1 and d.eval_epochs >= 0,
+             "distill.eval_every and distill.eval_epochs must be >= 0, distill.eval_runs >= 1"),
             (e.num_experts >= 1 and e.epochs >= 1, "experts.num_experts and experts.epochs must be >= 1"),
             (e.lr > 0 and e.batch_size >= 1, "experts.lr must be > 0 and experts.batch_size >= 1"),
             (v.num_runs >= 1 and v.epochs >= 1 and v.batch_size >= 1, "eval.num_runs, eval.epochs, eval.batch_size must be >= 1"),

@@ -180,7 +180,7 @@ def distill(cfg: Config, data: Dataset, experts: ExpertPool | None = None, on_me
     for it in bar:
         if it == d.iterations or (d.eval_every and it % d.eval_every == 0):
             val = score(syn.images, syn.labels, float(syn.lr.detach()), cfg, data, models=[cfg.model.name],
-                        num_runs=d.eval_runs, split="val", seed=it)[cfg.model.name]
+                        num_runs=d.eval_runs, split="val", epochs=d.eval_epochs or None, seed=it)[cfg.model.name]
             if val.mean > state["best_val"]:
                 state.update(best_val=val.mean, best_iteration=it)
                 _save(out / "best.pt", {**syn.state(), "iteration": it, "val_acc": val.mean})

@@ -62,12 +62,13 @@ def train_expert(cfg: Config, data: Dataset, store: TrajectoryStore, index: int,
     optimizer = torch.optim.SGD(model.parameters(), lr=ex.lr, momentum=ex.momentum, weight_decay=ex.weight_decay)
     augment = DSA(cfg.augment.strategy, cfg.augment.siamese)
     epochs = range(len(saved), ex.epochs + 1)
-    for epoch in tqdm(epochs, desc=f"expert {index}", disable=not progress, leave=False):
+    for epoch in epochs:
         # Seed each epoch from (expert, epoch) so a resumed expert sees the same data order and augmentation.
         torch.manual_seed(seed * 1000 + epoch)
         gen = torch.Generator().manual_seed(seed * 1000 + epoch)
         start = time.perf_counter()
-        loss = train_epoch(model, optimizer, data.x_train, data.y_train, ex.batch_size, data.preprocess, augment, gen)
+        loss = train_epoch(model, optimizer, data.x_train, data.y_train, ex.batch_size, data.preprocess, augment, gen,
+                           progress=f"expert {index} epoch {epoch}" if progress else "")
         metrics = {"epoch": epoch, "train_loss": float(loss), "seconds": time.perf_counter() - start,
                    "test_acc": accuracy(model, data.x_test, data.y_test, data.preprocess)}
         store.save_epoch(index, epoch, flat.flatten(), metrics)

@@ -6,6 +6,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 
 def resolve_device(name: str) -> torch.device:
@@ -16,13 +17,15 @@ def resolve_device(name: str) -> torch.device:
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
                 batch_size: int, to_input: Callable[[torch.Tensor], torch.Tensor],
-                augment: Callable[[torch.Tensor], torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
+                augment: Callable[[torch.Tensor], torch.Tensor], generator: torch.Generator | None = None,
+                progress: str = "") -> torch.Tensor:
     """One pass over (images, labels) in random order; returns the mean training loss as a tensor
-    (no host sync, which matters in evaluation's 1000 one-step epochs on GPU)."""
+    (no host sync, which matters in evaluation's 1000 one-step epochs on GPU). A non-empty
+    `progress` shows a per-batch bar with that label."""
     model.train()
     order = torch.randperm(len(images), generator=generator).to(images.device)
     total, count = torch.zeros((), device=images.device), 0
-    for batch in order.split(batch_size):
+    for batch in tqdm(order.split(batch_size), desc=progress, disable=not progress, leave=False):
         x = augment(to_input(images[batch]))
         loss = F.cross_entropy(model(x), labels[batch])
         optimizer.zero_grad(set_to_none=True)

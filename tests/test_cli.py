@@ -1,0 +1,111 @@
+"""Every bad input a user can make gives one line naming the problem and the fix, exit code 2."""
+import pickle
+
+import pytest
+
+from ray_mtt.experts import train_experts
+from tests.conftest import run_cli, tiny_config
+
+TINY = ["--model.width", "16", "--experts.num_experts", "1", "--experts.epochs", "3", "--distill.syn_steps", "2",
+        "--distill.expert_epochs", "1", "--distill.max_start_epoch", "2", "--distill.iterations", "1",
+        "--distill.eval_every", "0", "--distill.eval_runs", "1", "--eval.num_runs", "1", "--eval.epochs", "5",
+        "--device", "cpu"]
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [l for l in result.stderr.splitlines() if l.strip() and "%|" not in l]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def expert_run(tmp_path_factory):
+    """One tiny digits expert, trained in-process; CLI calls point at its run dir."""
+    tmp = tmp_path_factory.mktemp("cli")
+    from ray_mtt.config import DataConfig
+    from ray_mtt.data import load_dataset
+    cfg = tiny_config(tmp)
+    train_experts(cfg, load_dataset(DataConfig(dataset="digits")), progress=False)
+    return tmp, ["--run_dir", cfg.run_dir, *TINY]
+
+
+def test_unknown_dataset():
+    assert_one_line_error(run_cli("ray_mtt.experts", "--dataset", "cifar11"), "unknown dataset 'cifar11'", "cifar10")
+
+
+def test_unknown_model(tmp_path):
+    assert_one_line_error(run_cli("ray_mtt.experts", "--model.name", "resnet50", "--run_dir", str(tmp_path)),
+                          "unknown model 'resnet50'", "convnet")
+
+
+def test_missing_data_dir(tmp_path):
+    assert_one_line_error(run_cli("ray_mtt.experts", "--dataset", "cifar10", "--data-dir", str(tmp_path / "nope")),
+                          "does not exist", "--data-dir")
+
+
+def test_empty_and_malformed_data_dir(tmp_path):
+    assert_one_line_error(run_cli("ray_mtt.experts", "--dataset", "cifar100", "--data-dir", str(tmp_path)),
+                          "cifar100 not found", "--data.download true")
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (folder / name).write_bytes(pickle.dumps({b"data": [[1, 2, 3]], b"labels": [0]}))
+    assert_one_line_error(run_cli("ray_mtt.experts", "--dataset", "cifar10", "--data-dir", str(tmp_path)),
+                          "not a CIFAR batch")
+
+
+def test_bad_config_values(tmp_path):
+    assert_one_line_error(run_cli("ray_mtt.distill", "--distill.syn_steps", "-3"), "distill.syn_steps must be >= 1")
+    assert_one_line_error(run_cli("ray_mtt.distill", "--distill.lr_img", "fast"), "cannot read 'fast' as float")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("distill:\n  n_steps: 3\n")
+    assert_one_line_error(run_cli("ray_mtt.distill", "--config", str(bad)), "unknown key 'distill.n_steps'")
+
+
+def test_distill_without_experts(tmp_path):
+    assert_one_line_error(run_cli("ray_mtt.distill", "--run_dir", str(tmp_path), *TINY),
+                          "no expert trajectories", "python -m ray_mtt.experts")
+
+
+def test_trajectory_from_another_model(expert_run):
+    _, args = expert_run
+    assert_one_line_error(run_cli("ray_mtt.distill", *args, "--model.width", "32"), "width=16 (wanted 32)")
+
+
+def test_experts_too_short_for_the_schedule(expert_run):
+    _, args = expert_run
+    assert_one_line_error(run_cli("ray_mtt.distill", *args, "--distill.max_start_epoch", "5"),
+                          "has 3 epochs but", "--experts.epochs")
+
+
+def test_ipc_larger_than_a_class(expert_run):
+    _, args = expert_run
+    assert_one_line_error(run_cli("ray_mtt.distill", *args, "--ipc", "1000"), "fewer than ipc=1000", "--ipc")
+
+
+def test_corrupt_trajectory_file(expert_run, tmp_path):
+    tmp, args = expert_run
+    import shutil
+    store = tmp_path / "store"
+    shutil.copytree(tmp / "runs" / "digits" / "experts_convnet", store)
+    npy = store / "expert_0000.npy"
+    npy.write_bytes(npy.read_bytes()[: npy.stat().st_size // 2])
+    assert_one_line_error(run_cli("ray_mtt.distill", *args, "--experts.dir", str(store),
+                                  "--distill.out_dir", str(tmp_path / "out")),
+                          "expert_0000.npy is corrupt", "rerun `python -m ray_mtt.experts`")
+
+
+def test_evaluate_missing_synthetic(tmp_path):
+    assert_one_line_error(run_cli("ray_mtt.evaluate", "--synthetic", str(tmp_path / "x.pt")),
+                          "not found", "python -m ray_mtt.distill")
+
+
+def test_help_lists_every_field_with_defaults():
+    result = run_cli("ray_mtt.distill", "--help")
+    assert result.returncode == 0
+    for flag in ("--distill.syn_steps", "--distill.grad_mode", "--experts.epochs", "--eval.models", "--data.zca"):
+        assert flag in result.stdout
+    assert "default: 20" in result.stdout
