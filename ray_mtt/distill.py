@@ -21,8 +21,6 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -154,14 +152,22 @@ def open_experts(cfg: Config, data: Dataset) -> ExpertPool:
     return ExpertPool(store, d.max_start_epoch - 1 + d.expert_epochs + 1)
 
 
-IterCallback = Callable[[int, dict], None]  # (iteration, metrics)
+class Reporter:
+    """Hooks the orchestration layer overrides (MLflow, Ray Tune); the algorithm imports neither."""
+
+    def step(self, iteration: int, metrics: dict[str, float]) -> None:
+        """After each iteration: loss, learned lr, seconds."""
+
+    def evaluation(self, iteration: int, metrics: dict[str, float], synthetic: dict) -> None:
+        """After each periodic validation: accuracies and the synthetic set (images, labels, lr) on CPU."""
 
 
-def distill(cfg: Config, data: Dataset, experts: ExpertPool | None = None, on_metrics: IterCallback | None = None,
+def distill(cfg: Config, data: Dataset, experts: ExpertPool | None = None, reporter: Reporter | None = None,
             progress: bool = True) -> dict:
     """Run (or resume) distillation; returns {"best": path, "val_acc": ..., "s_per_iter": ...}."""
     d = cfg.distill
     experts = experts or open_experts(cfg, data)
+    reporter = reporter or Reporter()
     out = cfg.distill_dir
     out.mkdir(parents=True, exist_ok=True)
     device = data.x_train.device
@@ -184,7 +190,8 @@ def distill(cfg: Config, data: Dataset, experts: ExpertPool | None = None, on_me
             if val.mean > state["best_val"]:
                 state.update(best_val=val.mean, best_iteration=it)
                 _save(out / "best.pt", {**syn.state(), "iteration": it, "val_acc": val.mean})
-            _report(on_metrics, it, {"val_acc": val.mean, "val_std": val.std, "best_val_acc": state["best_val"]})
+            reporter.evaluation(it, {"val_acc": val.mean, "val_std": val.std, "best_val_acc": state["best_val"]},
+                                syn.state())
             bar.write(f"iteration {it}: val acc {val}, lr {float(syn.lr.detach()):.4g}")
         if it == d.iterations:
             break
@@ -209,7 +216,7 @@ def distill(cfg: Config, data: Dataset, experts: ExpertPool | None = None, on_me
             raise UserError(f"distillation diverged at iteration {it} (loss {loss}, lr {float(syn.lr.detach()):.3g}); "
                             f"lower --distill.lr_img or --distill.lr_lr")
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{float(syn.lr.detach()):.4g}")
-        _report(on_metrics, it, {"loss": loss, "syn_lr": float(syn.lr.detach()), "s_per_iter": seconds})
+        reporter.step(it, {"loss": loss, "syn_lr": float(syn.lr.detach()), "s_per_iter": seconds})
         state["iteration"] = it + 1
         if (it + 1) % CHECKPOINT_EVERY == 0 or (d.eval_every and (it + 1) % d.eval_every == 0):
             _save(ckpt_path, {**syn.state(), **state, "opt_img": opt_img.state_dict(), "opt_lr": opt_lr.state_dict()})
@@ -217,11 +224,6 @@ def distill(cfg: Config, data: Dataset, experts: ExpertPool | None = None, on_me
     iters = max(d.iterations, 1)
     return {"best": out / "best.pt", "val_acc": state["best_val"], "best_iteration": state["best_iteration"],
             "s_per_iter": state["seconds"] / iters, "final_lr": float(syn.lr.detach())}
-
-
-def _report(callback: IterCallback | None, it: int, metrics: dict) -> None:
-    if callback is not None:
-        callback(it, metrics)
 
 
 def _save(path: Path, obj: dict) -> None:
@@ -248,10 +250,15 @@ def _resume(path: Path, syn: SyntheticSet, opt_img, opt_lr, device) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ray_mtt.distill", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .pipeline import add_tracking_arg, finish_tracking, open_tracking, reporter_for  # the CLI layer
+    add_tracking_arg(parser)
     add_config_args(parser)
-    cfg = config_from_args(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    cfg = config_from_args(args)
     data = load_dataset(cfg.data, resolve_device(cfg.device))
-    result = distill(cfg, data)
+    tracked = open_tracking(args.tracking_uri, cfg, f"distill {cfg.data.dataset} ipc{cfg.distill.ipc}")
+    result = distill(cfg, data, reporter=reporter_for(tracked, data, cfg))
+    finish_tracking(tracked, {}, {"s_per_iter": result["s_per_iter"], "best_val_acc": result["val_acc"]})
     print(f"best synthetic set: {result['best']} (iteration {result['best_iteration']}, val acc "
           f"{100 * result['val_acc']:.1f} %, {result['s_per_iter']:.3f} s/iter, learned lr {result['final_lr']:.4g})")
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from ray_mtt.augment import DSA
-from ray_mtt.distill import (SyntheticSet, distill, matching_grad_checkpointed, matching_grad_unrolled,
+from ray_mtt.distill import (Reporter, SyntheticSet, distill, matching_grad_checkpointed, matching_grad_unrolled,
                              sample_plan)
 from ray_mtt.experts import train_experts
 from ray_mtt.models import FlatModel, build_model
@@ -70,9 +70,21 @@ def test_distill_resumes_to_the_same_result_as_an_uninterrupted_run(tmp_path, di
     cfg.distill.iterations = 4
     distill(cfg, digits, progress=False)
     cfg.distill.iterations = 6
-    seen = []
-    distill(cfg, digits, on_metrics=lambda it, m: seen.append(it) if "loss" in m else None, progress=False)
-    assert seen == [4, 5]
+
+    class Recorder(Reporter):
+        def __init__(self):
+            self.steps, self.evaluations = [], []
+
+        def step(self, iteration, metrics):
+            self.steps.append(iteration)
+
+        def evaluation(self, iteration, metrics, synthetic):
+            self.evaluations.append((iteration, metrics["val_acc"], tuple(synthetic["images"].shape)))
+
+    recorder = Recorder()
+    distill(cfg, digits, reporter=recorder, progress=False)
+    assert recorder.steps == [4, 5]
+    assert [(it, shape) for it, _, shape in recorder.evaluations] == [(6, (10, 1, 8, 8))]
     resumed_images = torch.load(cfg.distill_dir / "checkpoint.pt")["images"]
     assert torch.equal(resumed_images, straight_images)
     assert not torch.equal(resumed_images, digits.preprocess(digits.random_real(1, torch.Generator().manual_seed(0))[0]))
