@@ -150,7 +150,8 @@ def peak_memory_mb(name: str, variant: str, device: torch.device, syn_steps: int
 
 def _memory_child(name: str, variant: str, syn_steps: int, width: int) -> None:
     problem = make_problem(name, torch.device("cpu"), syn_steps or None, width or None)
-    one_iteration(problem, variant)  # warm up: allocator pools and lazy init are not the step's memory
+    # No warmup here: glibc keeps freed memory resident, so after one iteration the RSS would
+    # already sit at the peak and the growth of a second would read as ~0.
     before = _rss_mb()
     one_iteration(problem, variant)
     print(max(0.0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before))

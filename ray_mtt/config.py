@@ -26,6 +26,7 @@ class DataConfig:
     download: bool = False  # fetch the official files into data_dir when missing (needs internet)
     zca: bool = False  # ZCA whitening instead of mean/std normalization (kornia, eps 0.1)
     val_per_class: int = 10  # real images per class held out from training, for checkpoint selection
+    train_per_class: int = 0  # keep only the first k training images per class (quick runs); 0 = all
 
 
 @dataclass
@@ -129,7 +130,8 @@ class Config:
             (e.lr > 0 and e.batch_size >= 1, "experts.lr must be > 0 and experts.batch_size >= 1"),
             (v.num_runs >= 1 and v.epochs >= 1 and v.batch_size >= 1, "eval.num_runs, eval.epochs, eval.batch_size must be >= 1"),
             (len(v.models) >= 1, "eval.models must name at least one model"),
-            (self.data.val_per_class >= 0, "data.val_per_class must be >= 0"),
+            (self.data.val_per_class >= 0 and self.data.train_per_class >= 0,
+             "data.val_per_class and data.train_per_class must be >= 0"),
             (self.model.width >= 1 and self.model.depth >= 0, "model.width must be >= 1 and model.depth >= 0"),
         ]
         for ok, message in checks:

@@ -378,17 +378,19 @@ def _check_raw(raw: RawSplits, spec: DatasetSpec, source: Path) -> None:
             raise UserError(f"{source}: y_{split} labels must lie in 0..{spec.num_classes - 1}")
 
 
-def split_validation(y: np.ndarray, per_class: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Fixed stratified hold-out (seed 0), so experts and distillation agree on it."""
+def split_validation(y: np.ndarray, per_class: int, num_classes: int,
+                     train_per_class: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Fixed stratified hold-out (seed 0), so experts and distillation agree on it; optionally
+    only the first `train_per_class` remaining images of each class are kept for training."""
     rng = np.random.default_rng(0)
-    val = []
+    train, val = [], []
     for c in range(num_classes):
         idx = np.flatnonzero(y == c)
-        val.append(rng.permutation(idx)[:per_class])
-    val_idx = np.sort(np.concatenate(val)) if val else np.zeros(0, np.int64)
-    train_mask = np.ones(len(y), bool)
-    train_mask[val_idx] = False
-    return np.flatnonzero(train_mask), val_idx
+        held = np.sort(rng.permutation(idx)[:per_class])
+        rest = np.setdiff1d(idx, held)
+        val.append(held)
+        train.append(rest[:train_per_class] if train_per_class else rest)
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
 def read_raw(cfg: DataConfig) -> tuple[RawSplits, DatasetSpec, Path]:
@@ -404,7 +406,7 @@ def read_raw(cfg: DataConfig) -> tuple[RawSplits, DatasetSpec, Path]:
 
 def load_dataset(cfg: DataConfig, device: torch.device | str = "cpu") -> Dataset:
     raw, spec, _ = read_raw(cfg)
-    train_idx, val_idx = split_validation(raw.y_train, cfg.val_per_class, spec.num_classes)
+    train_idx, val_idx = split_validation(raw.y_train, cfg.val_per_class, spec.num_classes, cfg.train_per_class)
 
     def tensor(x):  # (N, H, W, C) uint8 -> (N, C, H, W) on the device
         return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)

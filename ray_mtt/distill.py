@@ -256,8 +256,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
     data = load_dataset(cfg.data, resolve_device(cfg.device))
+    experts = open_experts(cfg, data)  # bad input fails here, before a tracking run is opened
+    data.random_real(cfg.distill.ipc, torch.Generator())
     tracked = open_tracking(args.tracking_uri, cfg, f"distill {cfg.data.dataset} ipc{cfg.distill.ipc}")
-    result = distill(cfg, data, reporter=reporter_for(tracked, data, cfg))
+    result = distill(cfg, data, experts, reporter=reporter_for(tracked, data, cfg))
     finish_tracking(tracked, {}, {"s_per_iter": result["s_per_iter"], "best_val_acc": result["val_acc"]})
     print(f"best synthetic set: {result['best']} (iteration {result['best_iteration']}, val acc "
           f"{100 * result['val_acc']:.1f} %, {result['s_per_iter']:.3f} s/iter, learned lr {result['final_lr']:.4g})")

@@ -29,7 +29,8 @@ def store_identity(cfg: Config, data: Dataset, num_params: int) -> dict:
     spec = data.spec
     return {"dataset": spec.name, "model": cfg.model.name, "width": cfg.model.width,
             "depth": cfg.model.depth or default_depth(spec.size), "zca": cfg.data.zca,
-            "val_per_class": cfg.data.val_per_class, "num_params": num_params,
+            "val_per_class": cfg.data.val_per_class, "train_per_class": cfg.data.train_per_class,
+            "num_params": num_params,
             "channels": spec.channels, "size": spec.size, "num_classes": spec.num_classes,
             "lr": cfg.experts.lr, "batch_size": cfg.experts.batch_size, "augment": cfg.augment.strategy}
 

@@ -27,7 +27,7 @@ from .errors import UserError
 
 FORMAT_VERSION = 1
 # Fields that must match between a store and the run that reads or extends it.
-IDENTITY_KEYS = ("dataset", "model", "width", "depth", "zca", "val_per_class", "num_params")
+IDENTITY_KEYS = ("dataset", "model", "width", "depth", "zca", "val_per_class", "train_per_class", "num_params")
 
 
 def atomic_write(path: Path, write: Callable[[object], None], mode: str = "wb") -> None:

@@ -215,11 +215,12 @@ def main(argv: list[str] | None = None) -> None:
     sweep_dir = Path(cfg.run_dir) / "tune" / name
     device = resolve_device(cfg.device)
 
-    load_dataset(cfg.data, "cpu")  # fail fast on data problems, before Ray starts
+    user_space = parse_space(args.space, cfg)  # fail fast on bad input, before data, experts and Ray
+    load_dataset(cfg.data, "cpu")
     if args.make_experts and not TrajectoryStore(cfg.expert_dir).completed():
         train_experts(cfg, load_dataset(cfg.data, device))
     available = expert_epochs_available(cfg)
-    space = {**default_space(cfg, available), **parse_space(args.space, cfg)}
+    space = {**default_space(cfg, available), **user_space}
     needed = max(_upper(space["distill.max_start_epoch"])) - 1 + max(_upper(space["distill.expert_epochs"]))
     if needed > available:
         raise UserError(f"the search space reaches max_start_epoch - 1 + expert_epochs = {needed} but the experts "
@@ -271,6 +272,10 @@ def main(argv: list[str] | None = None) -> None:
                                         max_concurrent_trials=args.max_concurrent or None),
             run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1))
     grid = tuner.fit()
+    unfinished = args.num_samples - grid.num_terminated - grid.num_errors
+    if unfinished > 0:  # Tune returns normally after Ctrl-C, having saved the experiment state
+        raise UserError(f"sweep {name!r} stopped with {unfinished} of {args.num_samples} trials unfinished; "
+                        f"continue it with the same command plus --resume")
     finish(grid, cfg, args, client, parent_run_id, tracking_uri)
 
 

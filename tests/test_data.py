@@ -122,6 +122,9 @@ def test_validation_split_is_stratified_disjoint_and_fixed():
     assert len(set(train) & set(val)) == 0 and len(train) + len(val) == 100
     assert np.bincount(y[val]).tolist() == [3] * 5
     assert np.array_equal(val, split_validation(y, 3, 5)[1])
+    small_train, same_val = split_validation(y, 3, 5, train_per_class=4)
+    assert np.array_equal(same_val, val) and np.bincount(y[small_train]).tolist() == [4] * 5
+    assert set(small_train) <= set(train)
 
 
 def test_ipc_larger_than_a_class_is_an_error(digits):
