@@ -34,8 +34,8 @@ def default_tracking_uri(run_dir: str | Path) -> str:
 
 def open_experiment(tracking_uri: str, run_dir: str | Path, name: str = EXPERIMENT) -> tuple[MlflowClient, str]:
     """The client and experiment id; a local store keeps artifacts under <run_dir>/mlartifacts."""
-    for name in ("alembic", "mlflow.store.db.utils"):  # schema-migration chatter on a new sqlite store
-        logging.getLogger(name).setLevel(logging.WARNING)
+    for logger in ("alembic", "mlflow.store.db.utils"):  # schema-migration chatter on a new sqlite store
+        logging.getLogger(logger).setLevel(logging.WARNING)
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(name)

@@ -70,9 +70,6 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(reason="the sweep exits 0 against a local `mlflow server`, but reading back finds no 'ray_mtt' "
-                          "experiment there (get_experiment_by_name -> None); not yet diagnosed", strict=False)
 def test_sweep_logs_to_a_real_mlflow_server(tmp_path):
     port = _free_port()
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
