@@ -104,11 +104,6 @@ def one_iteration(problem: Problem, variant: str) -> None:
         problem.syn.images.grad = problem.syn.lr.grad = None
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_variants(problem: Problem, variants: list[str], warmup: int, repeats: int) -> dict[str, list[float]]:
     """Seconds per iteration of each variant, interleaved so drift hits all of them alike."""
     device = problem.start.device

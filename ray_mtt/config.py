@@ -187,7 +187,8 @@ def apply_overrides(cfg: Config, values: dict, source: str) -> Config:
     return cfg
 
 
-def _flatten_yaml(tree: dict, source: str) -> dict:
+def flatten_sections(tree: dict, source: str) -> dict:
+    """{section: {field: v}} -> {'section.field': v}, rejecting unknown sections."""
     flat = {}
     for key, value in tree.items():
         if isinstance(value, dict):
@@ -209,7 +210,7 @@ def load_yaml(path: str | Path) -> dict:
         raise UserError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(tree, dict):
         raise UserError(f"config file {path} must hold a mapping of sections")
-    return _flatten_yaml(tree, str(path))
+    return flatten_sections(tree, str(path))
 
 
 def default_config_path(dataset: str, ipc: int) -> Path:

@@ -14,7 +14,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import torch
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from torchvision.utils import make_grid
 

@@ -23,7 +23,7 @@ import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
-from .config import Config, add_config_args, apply_overrides, config_from_args
+from .config import Config, add_config_args, apply_overrides, config_from_args, flatten_sections
 from .data import load_dataset
 from .distill import Reporter, distill
 from .errors import UserError, run_cli
@@ -137,14 +137,7 @@ def run_trial(config: dict, base: dict, tracking_uri: str, parent_run_id: str, s
 
 
 def config_from_dict(tree: dict) -> Config:
-    cfg = Config()
-    flat = {}
-    for section, values in tree.items():
-        if isinstance(values, dict):
-            flat.update({f"{section}.{k}": v for k, v in values.items()})
-        else:
-            flat[section] = values
-    return apply_overrides(cfg, flat, "sweep base config")
+    return apply_overrides(Config(), flatten_sections(tree, "sweep base config"), "sweep base config")
 
 
 def expert_epochs_available(cfg: Config) -> int:
