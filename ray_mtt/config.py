@@ -50,7 +50,7 @@ class ExpertConfig:
     batch_size: int = 256
     momentum: float = 0.0
     weight_decay: float = 0.0
-    dir: str = ""  # trajectory store; "" = <run_dir>/<dataset>/experts_<model>[_zca]
+    dir: str = ""  # trajectory store, a path or URI (s3://...); "" = <run_dir>/<dataset>/experts_<model>[_zca]
 
 
 @dataclass
@@ -96,11 +96,12 @@ class Config:
     run_dir: str = "runs"
 
     @property
-    def expert_dir(self) -> Path:
+    def expert_dir(self) -> str:
+        """The trajectory store: a local path or a URI (s3://..., file://...; see storage.py)."""
         if self.experts.dir:
-            return Path(self.experts.dir)
+            return self.experts.dir
         suffix = "_zca" if self.data.zca else ""
-        return Path(self.run_dir) / self.data.dataset / f"experts_{self.model.name}{suffix}"
+        return str(Path(self.run_dir) / self.data.dataset / f"experts_{self.model.name}{suffix}")
 
     @property
     def distill_dir(self) -> Path:

@@ -17,10 +17,12 @@ as best.pt. Run with `python -m ray_mtt.distill`.
 from __future__ import annotations
 
 import argparse
+import io
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -32,8 +34,9 @@ from .errors import UserError, run_cli
 from .evaluate import score
 from .experts import build_expert_model, store_identity
 from .models import FlatModel
+from .storage import LocalStorage
 from .train import resolve_device
-from .trajectories import TrajectoryStore, Trajectory, atomic_write, check_compatible
+from .trajectories import TrajectoryStore, Trajectory, check_compatible
 
 CHECKPOINT_EVERY = 25  # iterations between resumable checkpoints (besides every evaluation)
 Step = tuple[torch.Tensor, AugParams | None]  # (synthetic indices, augmentation draw) of one student step
@@ -124,7 +127,7 @@ MATCHING_GRAD = {"unrolled": matching_grad_unrolled, "checkpointed": matching_gr
 
 
 class ExpertPool:
-    """Finished experts of a store, opened lazily (memory-mapped) the first time they are drawn."""
+    """Finished experts of a store, opened lazily (one row read per draw) the first time they are drawn."""
 
     def __init__(self, store: TrajectoryStore, needed_snapshots: int):
         self.store, self.indices = store, store.completed()
@@ -227,7 +230,9 @@ def distill(cfg: Config, data: Dataset, experts: ExpertPool | None = None, repor
 
 
 def _save(path: Path, obj: dict) -> None:
-    atomic_write(path, lambda f: torch.save(obj, f))
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    LocalStorage(path.parent).write(path.name, buffer.getvalue())
 
 
 def _resume(path: Path, syn: SyntheticSet, opt_img, opt_lr, device) -> dict:

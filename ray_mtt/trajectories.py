@@ -1,53 +1,51 @@
 """The expert trajectory store.
 
-Layout of a store directory:
+Layout of a store (a local directory or a URI, see storage.py):
     store.json                  what every trajectory in it was trained with (dataset, model, ZCA, ...)
     expert_0000.npy             float32 (epochs + 1, num_params): parameters at init and after each epoch
     expert_0000.json            written last, so its presence marks the expert complete: shape,
                                 per-row CRC32, per-epoch test accuracy, seed
     expert_0003.partial/        an expert still in training: epoch_000.npy, epoch_000.json, ...
 
-Every file is written to a temporary name and renamed into place, so a killed run leaves either
-the old state or the new one, never half a file. Reads are lazy: `Trajectory.snapshot(e)`
-memory-maps the .npy and reads one row, so the distiller never holds whole experts in memory.
+Every file is written atomically (storage.py), so a killed run leaves either the old state or the
+new one, never half a file. Reads are lazy: `Trajectory.snapshot(e)` seeks to row e of the .npy
+and reads only that row, so the distiller never holds whole experts in memory, on local disk or
+on an object store alike.
 """
 from __future__ import annotations
 
+import io
 import json
-import os
-import shutil
+import re
 import zlib
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from .errors import UserError
+from .storage import Storage, open_storage
 
 FORMAT_VERSION = 1
 # Fields that must match between a store and the run that reads or extends it.
 IDENTITY_KEYS = ("dataset", "model", "width", "depth", "zca", "val_per_class", "train_per_class", "num_params")
 
 
-def atomic_write(path: Path, write: Callable[[object], None], mode: str = "wb") -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, mode) as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def write_json(storage: Storage, name: str, obj: dict) -> None:
+    storage.write(name, json.dumps(obj, indent=1).encode())
 
 
-def write_json(path: Path, obj: dict) -> None:
-    atomic_write(path, lambda f: json.dump(obj, f, indent=1), mode="w")
-
-
-def read_json(path: Path) -> dict:
+def read_json(storage: Storage, name: str) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {path} ({e}); delete it so the expert is retrained") from None
+        return json.loads(storage.read(name))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {storage}/{name} ({e}); delete it so the expert is retrained") from None
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
 
 
 def _crc(row: np.ndarray) -> int:
@@ -57,23 +55,28 @@ def _crc(row: np.ndarray) -> int:
 class Trajectory:
     """One finished expert: lazy, checksummed access to its per-epoch parameter snapshots."""
 
-    def __init__(self, npy: Path, info: dict):
-        self.path, self.info = npy, info
+    def __init__(self, storage: Storage, name: str, info: dict):
+        self.path, self.info = f"{storage}/{name}", info
+        self._file = storage.open(name)
         try:
-            self._rows = np.load(npy, mmap_mode="r")
+            version = np.lib.format.read_magic(self._file)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(self._file)
+            self._offset = self._file.tell()
+            size = self._file.seek(0, 2)
         except (OSError, ValueError, EOFError) as e:
-            raise UserError(f"trajectory {npy} is corrupt ({e}); delete it and its .json, then rerun "
+            raise UserError(f"trajectory {self.path} is corrupt ({e}); delete it and its .json, then rerun "
                             f"`python -m ray_mtt.experts` to retrain that expert") from None
-        if list(self._rows.shape) != info["shape"] or self._rows.dtype != np.float32:
-            raise UserError(f"trajectory {npy} has shape {self._rows.shape}, expected {info['shape']}; it is partial "
-                            f"or corrupt: delete it and its .json, then rerun `python -m ray_mtt.experts`")
-
-    @property
-    def num_snapshots(self) -> int:
-        return self._rows.shape[0]
+        self._row_bytes = int(np.prod(shape[1:])) * 4
+        if (list(shape) != info["shape"] or dtype != np.float32 or fortran
+                or size != self._offset + shape[0] * self._row_bytes):
+            raise UserError(f"trajectory {self.path} is partial or corrupt (shape {shape}, {size} bytes; expected "
+                            f"{info['shape']}); delete it and its .json, then rerun `python -m ray_mtt.experts`")
+        self.num_snapshots = shape[0]
 
     def snapshot(self, epoch: int) -> torch.Tensor:
-        row = np.array(self._rows[epoch])  # copy out of the memory map
+        self._file.seek(self._offset + epoch * self._row_bytes)
+        row = np.frombuffer(bytearray(self._file.read(self._row_bytes)), dtype=np.float32)
         if _crc(row) != self.info["crc32"][epoch]:
             raise UserError(f"trajectory {self.path} epoch {epoch} fails its checksum; delete the file and its "
                             f".json, then rerun `python -m ray_mtt.experts`")
@@ -82,76 +85,65 @@ class Trajectory:
 
 class TrajectoryStore:
     def __init__(self, root: str | Path):
-        self.root = Path(root)
+        self.storage = open_storage(root)
+        self.root = str(self.storage)
 
     # ----- store-level metadata
-    @property
-    def meta_path(self) -> Path:
-        return self.root / "store.json"
-
     def read_meta(self) -> dict:
-        if not self.meta_path.is_file():
+        if not self.storage.exists("store.json"):
             raise UserError(f"no expert trajectories in {self.root}; train them first with "
                             f"`python -m ray_mtt.experts` (same --dataset/--model.name/--data.zca), "
                             f"or point --experts.dir at an existing store")
-        return read_json(self.meta_path)
+        return read_json(self.storage, "store.json")
 
     def init(self, meta: dict) -> None:
         """Create the store, or check that an existing one holds the same kind of experts."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        if self.meta_path.is_file():
+        if self.storage.exists("store.json"):
             check_compatible(self.read_meta(), meta, self.root)
         else:
-            write_json(self.meta_path, {"format_version": FORMAT_VERSION, **meta})
+            write_json(self.storage, "store.json", {"format_version": FORMAT_VERSION, **meta})
 
     # ----- finished experts
-    def _npy(self, k: int) -> Path:
-        return self.root / f"expert_{k:04d}.npy"
-
-    def _info(self, k: int) -> Path:
-        return self.root / f"expert_{k:04d}.json"
-
     def completed(self) -> list[int]:
-        return sorted(int(p.stem.split("_")[1]) for p in self.root.glob("expert_[0-9][0-9][0-9][0-9].json"))
+        return sorted(int(m.group(1)) for m in map(re.compile(r"expert_(\d{4})\.json$").match, self.storage.list()) if m)
 
     def read_info(self, k: int) -> dict:
-        return read_json(self._info(k))
+        return read_json(self.storage, f"expert_{k:04d}.json")
 
     def open(self, k: int) -> Trajectory:
-        return Trajectory(self._npy(k), self.read_info(k))
+        return Trajectory(self.storage, f"expert_{k:04d}.npy", self.read_info(k))
 
     # ----- experts in training
-    def _partial(self, k: int) -> Path:
-        return self.root / f"expert_{k:04d}.partial"
+    def _epoch(self, k: int, epoch: int, ext: str) -> str:
+        return f"expert_{k:04d}.partial/epoch_{epoch:03d}.{ext}"
 
     def saved_epochs(self, k: int) -> list[dict]:
         """Metrics of the epochs saved so far (contiguous from 0); a rerun resumes after the last."""
+        names = set(self.storage.list(f"expert_{k:04d}.partial"))
         done = []
-        while (self._partial(k) / f"epoch_{len(done):03d}.npy").is_file():
-            done.append(read_json(self._partial(k) / f"epoch_{len(done):03d}.json"))
+        while f"epoch_{len(done):03d}.npy" in names:
+            done.append(read_json(self.storage, self._epoch(k, len(done), "json")))
         return done
 
     def load_epoch(self, k: int, epoch: int) -> torch.Tensor:
-        return torch.from_numpy(np.load(self._partial(k) / f"epoch_{epoch:03d}.npy"))
+        return torch.from_numpy(np.load(io.BytesIO(self.storage.read(self._epoch(k, epoch, "npy")))))
 
     def save_epoch(self, k: int, epoch: int, flat: torch.Tensor, metrics: dict) -> None:
-        folder = self._partial(k)
-        folder.mkdir(parents=True, exist_ok=True)
-        write_json(folder / f"epoch_{epoch:03d}.json", metrics)  # the .npy (written last) marks the epoch done
+        write_json(self.storage, self._epoch(k, epoch, "json"), metrics)  # the .npy (written last) marks the epoch done
         row = flat.detach().to("cpu", torch.float32).numpy()
-        atomic_write(folder / f"epoch_{epoch:03d}.npy", lambda f: np.save(f, row))
+        self.storage.write(self._epoch(k, epoch, "npy"), npy_bytes(row))
 
     def finish(self, k: int, info: dict) -> None:
         """Assemble the saved epochs into one file, then write the .json that marks it complete."""
         epochs = self.saved_epochs(k)
         rows = np.stack([self.load_epoch(k, e).numpy() for e in range(len(epochs))]).astype(np.float32)
-        atomic_write(self._npy(k), lambda f: np.save(f, rows))
-        write_json(self._info(k), {**info, "shape": list(rows.shape), "crc32": [_crc(r) for r in rows],
-                                   "epochs": [e for e in epochs]})
-        shutil.rmtree(self._partial(k), ignore_errors=True)
+        self.storage.write(f"expert_{k:04d}.npy", npy_bytes(rows))
+        write_json(self.storage, f"expert_{k:04d}.json", {**info, "shape": list(rows.shape),
+                                                          "crc32": [_crc(r) for r in rows], "epochs": epochs})
+        self.storage.remove_folder(f"expert_{k:04d}.partial")
 
 
-def check_compatible(found: dict, wanted: dict, where: Path) -> None:
+def check_compatible(found: dict, wanted: dict, where: str) -> None:
     diffs = [f"{k}={found.get(k)!r} (wanted {wanted.get(k)!r})" for k in IDENTITY_KEYS
              if k in wanted and found.get(k) != wanted.get(k)]
     if diffs:

@@ -31,6 +31,7 @@ from .evaluate import Score, format_table, load_synthetic, random_real_set, scor
 from .experts import train_experts
 from .models import build_model
 from .train import resolve_device
+from .storage import is_uri
 from .trajectories import TrajectoryStore
 from .tracking import (MlflowReporter, default_tracking_uri, flat_config, log_result, open_experiment, start_run)
 
@@ -170,7 +171,7 @@ def cross_architecture(cfg: Config, best_path: Path, models: list[str]) -> dict[
 def absolute_paths(cfg: Config) -> Config:
     """Tune runs trials with the trial folder as working directory: make every path absolute."""
     cfg.run_dir = str(Path(cfg.run_dir).resolve())
-    cfg.experts.dir = str(cfg.expert_dir.resolve())
+    cfg.experts.dir = cfg.expert_dir if is_uri(cfg.expert_dir) else str(Path(cfg.expert_dir).resolve())
     if cfg.data.data_dir:
         cfg.data.data_dir = str(Path(cfg.data.data_dir).resolve())
     return cfg

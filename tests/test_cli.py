@@ -95,7 +95,7 @@ def test_corrupt_trajectory_file(expert_run, tmp_path):
     npy.write_bytes(npy.read_bytes()[: npy.stat().st_size // 2])
     assert_one_line_error(run_cli("ray_mtt.distill", *args, "--experts.dir", str(store),
                                   "--distill.out_dir", str(tmp_path / "out")),
-                          "expert_0000.npy is corrupt", "rerun `python -m ray_mtt.experts`")
+                          "expert_0000.npy is partial or corrupt", "rerun `python -m ray_mtt.experts`")
 
 
 def test_evaluate_missing_synthetic(tmp_path):

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import torch
 
 from ray_mtt.experts import open_store_for_training, train_expert, train_experts
@@ -44,8 +46,8 @@ def test_killed_expert_resumes_without_redoing_epochs_and_matches_uninterrupted(
 def test_finished_experts_are_skipped(tmp_path, digits):
     cfg = tiny_config(tmp_path)
     store = train_experts(cfg, digits, progress=False)
-    before = (store.root / "expert_0000.npy").stat().st_mtime_ns
+    before = (Path(store.root) / "expert_0000.npy").stat().st_mtime_ns
     cfg.experts.num_experts = 2
     train_experts(cfg, digits, progress=False)
     assert store.completed() == [0, 1]
-    assert (store.root / "expert_0000.npy").stat().st_mtime_ns == before
+    assert (Path(store.root) / "expert_0000.npy").stat().st_mtime_ns == before

@@ -17,8 +17,10 @@ def make_expert(store, k, epochs=3):
     return rows
 
 
-def test_round_trip_is_lazy_and_exact(tmp_path):
-    store = TrajectoryStore(tmp_path)
+@pytest.mark.parametrize("as_uri", [False, True], ids=["local_path", "file_uri"])
+def test_round_trip_is_lazy_and_exact(tmp_path, as_uri):
+    # file:// goes through pyarrow's filesystem layer, the code path of s3:// and gs:// stores.
+    store = TrajectoryStore(tmp_path.as_uri() if as_uri else tmp_path)
     store.init(META)
     rows = make_expert(store, 2)
     assert store.completed() == [2]
@@ -57,7 +59,7 @@ def test_corrupt_and_truncated_files_are_clear_errors(tmp_path):
         traj.snapshot(3)
     npy1 = tmp_path / "expert_0001.npy"
     npy1.write_bytes(npy1.read_bytes()[:-20])
-    with pytest.raises(UserError, match="expert_0001.npy is corrupt"):
+    with pytest.raises(UserError, match="expert_0001.npy is partial or corrupt"):
         store.open(1)
     (tmp_path / "expert_0001.json").write_text("{not json")
     with pytest.raises(UserError, match="expert_0001.json"):
@@ -71,3 +73,16 @@ def test_store_refuses_experts_of_another_kind(tmp_path):
         store.init({**META, "width": 32})
     with pytest.raises(UserError, match="train them first"):
         TrajectoryStore(tmp_path / "empty").read_meta()
+
+
+def test_uri_store_resumes_partial_experts(tmp_path):
+    uri = (tmp_path / "bucket" / "experts").as_uri()
+    store = TrajectoryStore(uri)
+    store.init(META)
+    store.save_epoch(1, 0, torch.zeros(5), {"epoch": 0})
+    reopened = TrajectoryStore(uri)
+    reopened.init(META)
+    assert [m["epoch"] for m in reopened.saved_epochs(1)] == [0] and reopened.completed() == []
+    assert torch.equal(reopened.load_epoch(1, 0), torch.zeros(5))
+    with pytest.raises(UserError, match="width=16 \\(wanted 32\\)"):
+        reopened.init({**META, "width": 32})
