@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError
+from .storage import is_uri
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -109,6 +110,15 @@ class Config:
             return Path(self.distill.out_dir)
         return Path(self.run_dir) / self.data.dataset / f"ipc{self.distill.ipc}"
 
+    def absolute_paths(self) -> "Config":
+        """Ray runs workers and trials in folders of their own: make every local path absolute."""
+        self.run_dir = str(Path(self.run_dir).resolve())
+        if not is_uri(self.expert_dir):
+            self.experts.dir = str(Path(self.expert_dir).resolve())
+        if self.data.data_dir:
+            self.data.data_dir = str(Path(self.data.data_dir).resolve())
+        return self
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -199,6 +209,11 @@ def flatten_sections(tree: dict, source: str) -> dict:
         else:
             flat[key] = value
     return flat
+
+
+def config_from_dict(tree: dict) -> Config:
+    """The inverse of Config.to_dict (how configs travel to Ray workers and trials)."""
+    return apply_overrides(Config(), flatten_sections(tree, "passed config"), "passed config")
 
 
 def load_yaml(path: str | Path) -> dict:

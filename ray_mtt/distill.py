@@ -149,8 +149,8 @@ class ExpertPool:
 
 def open_experts(cfg: Config, data: Dataset) -> ExpertPool:
     store = TrajectoryStore(cfg.expert_dir)
-    num_params = FlatModel(build_expert_model(cfg, data)).num_params
-    check_compatible(store.read_meta(), store_identity(cfg, data, num_params), store.root)
+    num_params = FlatModel(build_expert_model(cfg, data.spec)).num_params
+    check_compatible(store.read_meta(), store_identity(cfg, data.spec, num_params), store.root)
     d = cfg.distill
     return ExpertPool(store, d.max_start_epoch - 1 + d.expert_epochs + 1)
 
@@ -174,7 +174,7 @@ def distill(cfg: Config, data: Dataset, experts: ExpertPool | None = None, repor
     out = cfg.distill_dir
     out.mkdir(parents=True, exist_ok=True)
     device = data.x_train.device
-    student = FlatModel(build_expert_model(cfg, data).to(device))
+    student = FlatModel(build_expert_model(cfg, data.spec).to(device))
     dsa = DSA(cfg.augment.strategy, cfg.augment.siamese)
     syn = init_synthetic(cfg, data, torch.Generator().manual_seed(cfg.seed))
     opt_img = torch.optim.SGD([syn.images], lr=d.lr_img, momentum=0.5)

@@ -1,12 +1,17 @@
 """Phase 1: train expert networks on the real data and save their parameters after every epoch.
 
 `train_expert` is the unit of work the orchestration layer fans out; it resumes from the last
-saved epoch, so a killed run (or a restarted Ray worker) never redoes finished epochs. Run
-locally with `python -m ray_mtt.experts`.
+saved epoch, so a killed run (or a restarted Ray worker) never redoes finished epochs.
+
+`python -m ray_mtt.experts --dataset cifar10 --num-experts 100 --epochs 50 [--storage PATH_OR_URI]`
+runs on Ray Train (experts_job.py): on the cluster this machine belongs to, or on a local one.
+`--engine local` trains in this process with torch alone. Rerunning the same command skips
+finished experts and resumes partial ones.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import time
 from typing import Callable
 
@@ -15,8 +20,8 @@ from tqdm import tqdm
 
 from .augment import DSA
 from .config import Config, add_config_args, config_from_args
-from .data import Dataset, load_dataset
-from .errors import run_cli
+from .data import Dataset, DatasetSpec, load_dataset
+from .errors import UserError, run_cli
 from .models import FlatModel, build_model, default_depth
 from .train import accuracy, resolve_device, train_epoch
 from .trajectories import TrajectoryStore
@@ -24,9 +29,8 @@ from .trajectories import TrajectoryStore
 EpochCallback = Callable[[int, int, dict], None]  # (expert index, epoch, metrics)
 
 
-def store_identity(cfg: Config, data: Dataset, num_params: int) -> dict:
+def store_identity(cfg: Config, spec: DatasetSpec, num_params: int) -> dict:
     """What a trajectory store records about its experts (and what readers must match)."""
-    spec = data.spec
     return {"dataset": spec.name, "model": cfg.model.name, "width": cfg.model.width,
             "depth": cfg.model.depth or default_depth(spec.size), "zca": cfg.data.zca,
             "val_per_class": cfg.data.val_per_class, "train_per_class": cfg.data.train_per_class,
@@ -35,8 +39,7 @@ def store_identity(cfg: Config, data: Dataset, num_params: int) -> dict:
             "lr": cfg.experts.lr, "batch_size": cfg.experts.batch_size, "augment": cfg.augment.strategy}
 
 
-def build_expert_model(cfg: Config, data: Dataset) -> torch.nn.Module:
-    spec = data.spec
+def build_expert_model(cfg: Config, spec: DatasetSpec) -> torch.nn.Module:
     return build_model(cfg.model.name, spec.channels, spec.num_classes, spec.size, cfg.model.width, cfg.model.depth)
 
 
@@ -50,7 +53,7 @@ def train_expert(cfg: Config, data: Dataset, store: TrajectoryStore, index: int,
     device = data.x_train.device
     seed = expert_seed(cfg, index)
     torch.manual_seed(seed)
-    model = build_expert_model(cfg, data).to(device)
+    model = build_expert_model(cfg, data.spec).to(device)
     flat = FlatModel(model)
     saved = store.saved_epochs(index)
     if saved:
@@ -71,7 +74,7 @@ def train_expert(cfg: Config, data: Dataset, store: TrajectoryStore, index: int,
         loss = train_epoch(model, optimizer, data.x_train, data.y_train, ex.batch_size, data.preprocess, augment, gen,
                            progress=f"expert {index} epoch {epoch}" if progress else "")
         metrics = {"epoch": epoch, "train_loss": float(loss), "seconds": time.perf_counter() - start,
-                   "test_acc": accuracy(model, data.x_test, data.y_test, data.preprocess)}
+                   "test_acc": accuracy(model, data.x_test, data.y_test, data.preprocess), "saved_at": time.time()}
         store.save_epoch(index, epoch, flat.flatten(), metrics)
         if on_epoch is not None:
             on_epoch(index, epoch, metrics)
@@ -81,7 +84,7 @@ def train_expert(cfg: Config, data: Dataset, store: TrajectoryStore, index: int,
 
 def train_experts(cfg: Config, data: Dataset, progress: bool = True) -> TrajectoryStore:
     """Train every expert of cfg.experts that the store does not hold yet (the local, one-process path)."""
-    store = open_store_for_training(cfg, data)
+    store = open_store_for_training(cfg, data.spec)
     todo = [k for k in range(cfg.experts.num_experts) if k not in set(store.completed())]
     bar = tqdm(total=cfg.experts.num_experts, initial=cfg.experts.num_experts - len(todo), desc="experts",
                disable=not progress)
@@ -93,22 +96,40 @@ def train_experts(cfg: Config, data: Dataset, progress: bool = True) -> Trajecto
     return store
 
 
-def open_store_for_training(cfg: Config, data: Dataset) -> TrajectoryStore:
+def open_store_for_training(cfg: Config, spec: DatasetSpec) -> TrajectoryStore:
+    """Create the store, or check that the experts it holds were trained like cfg's."""
     store = TrajectoryStore(cfg.expert_dir)
-    num_params = FlatModel(build_expert_model(cfg, data)).num_params
-    store.init(store_identity(cfg, data, num_params))
+    num_params = FlatModel(build_expert_model(cfg, spec)).num_params
+    store.init(store_identity(cfg, spec, num_params))
     return store
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ray_mtt.experts", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    job = parser.add_argument_group("job")
+    job.add_argument("--num-experts", dest="experts.num_experts", default=argparse.SUPPRESS, help="short for --experts.num_experts")
+    job.add_argument("--epochs", dest="experts.epochs", default=argparse.SUPPRESS, help="short for --experts.epochs")
+    job.add_argument("--storage", dest="experts.dir", default=argparse.SUPPRESS,
+                     help="trajectory store: a path (shared on a cluster) or a URI such as s3://bucket/experts")
+    has_ray = importlib.util.find_spec("ray") is not None
+    job.add_argument("--engine", choices=("ray", "local"), default="ray" if has_ray else "local",
+                     help="ray: Ray Train workers (default when ray is installed); local: this process, torch only")
+    job.add_argument("--address", help="Ray cluster address (default: the one running here, else a new local one)")
+    job.add_argument("--workers", type=int, default=0, help="Ray Train workers (default: one per GPU, else per CPU)")
+    job.add_argument("--cpus-per-worker", type=int, default=1)
+    job.add_argument("--max-failures", type=int, default=3, help="worker-group restarts before the job gives up")
     add_config_args(parser)
-    cfg = config_from_args(parser.parse_args(argv))
-    device = resolve_device(cfg.device)
-    data = load_dataset(cfg.data, device)
+    args = parser.parse_args(argv)
+    cfg = config_from_args(args).absolute_paths()
     start = time.perf_counter()
-    store = train_experts(cfg, data)
+    if args.engine == "ray":
+        if not has_ray:
+            raise UserError("--engine ray needs ray (pip install 'ray[train]'); or pass --engine local")
+        from .experts_job import run_job
+        store = run_job(cfg, args.address, args.workers, args.cpus_per_worker, args.max_failures)
+    else:
+        store = train_experts(cfg, load_dataset(cfg.data, resolve_device(cfg.device)))
     accs = [store.open(k).info["epochs"][-1]["test_acc"] for k in store.completed()]
     print(f"{len(accs)} experts in {store.root} ({time.perf_counter() - start:.0f} s); "
           f"final test accuracy {sum(accs) / len(accs):.3f} mean over experts")

@@ -23,15 +23,15 @@ import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
-from .config import Config, add_config_args, apply_overrides, config_from_args, flatten_sections
+from .config import Config, add_config_args, apply_overrides, config_from_args, config_from_dict
 from .data import load_dataset
 from .distill import Reporter, distill
 from .errors import UserError, run_cli
 from .evaluate import Score, format_table, load_synthetic, random_real_set, score
 from .experts import train_experts
+from .experts_job import connect
 from .models import build_model
 from .train import resolve_device
-from .storage import is_uri
 from .trajectories import TrajectoryStore
 from .tracking import (MlflowReporter, default_tracking_uri, flat_config, log_result, open_experiment, start_run)
 
@@ -137,10 +137,6 @@ def run_trial(config: dict, base: dict, tracking_uri: str, parent_run_id: str, s
     client.set_terminated(run_id)
 
 
-def config_from_dict(tree: dict) -> Config:
-    return apply_overrides(Config(), flatten_sections(tree, "sweep base config"), "sweep base config")
-
-
 def expert_epochs_available(cfg: Config) -> int:
     store = TrajectoryStore(cfg.expert_dir)
     store.read_meta()  # a clear error when there is no store
@@ -168,15 +164,6 @@ def cross_architecture(cfg: Config, best_path: Path, models: list[str]) -> dict[
     return {"distilled": distilled, "random real": real}
 
 
-def absolute_paths(cfg: Config) -> Config:
-    """Tune runs trials with the trial folder as working directory: make every path absolute."""
-    cfg.run_dir = str(Path(cfg.run_dir).resolve())
-    cfg.experts.dir = cfg.expert_dir if is_uri(cfg.expert_dir) else str(Path(cfg.expert_dir).resolve())
-    if cfg.data.data_dir:
-        cfg.data.data_dir = str(Path(cfg.data.data_dir).resolve())
-    return cfg
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ray_mtt.tune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -201,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = config_from_args(args)
     if args.experts:
         cfg.experts.dir = args.experts
-    cfg = absolute_paths(cfg)
+    cfg = cfg.absolute_paths()
     if args.num_samples < 1:
         raise UserError("--num-samples must be >= 1")
     tracking_uri = args.tracking_uri or default_tracking_uri(cfg.run_dir)
@@ -221,8 +208,7 @@ def main(argv: list[str] | None = None) -> None:
                         f"have {available} epochs; narrow --space or train longer experts")
 
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
-    ray.init(address=args.address, ignore_reinit_error=True, log_to_driver=False,
-             include_dashboard=False, configure_logging=False)
+    connect(args.address)
     gpus = args.gpus_per_trial if args.gpus_per_trial >= 0 else (1 if ray.cluster_resources().get("GPU") else 0)
     if gpus == 0 and cfg.device == "auto":
         cfg.device = "cpu"  # a CPU-only trial must not pick up a GPU Ray did not assign to it

@@ -21,7 +21,7 @@ def test_trajectory_snapshots_differ_and_accuracy_rises(tmp_path, digits):
 
 def test_killed_expert_resumes_without_redoing_epochs_and_matches_uninterrupted(tmp_path, digits):
     cfg = tiny_config(tmp_path)
-    store = open_store_for_training(cfg, digits)
+    store = open_store_for_training(cfg, digits.spec)
 
     def die_after_epoch_2(index, epoch, metrics):
         if epoch == 2:

@@ -1,0 +1,147 @@
+"""Expert trajectories on Ray Train: one TorchTrainer run whose workers share out the experts.
+
+Why one run for the whole job rather than one per expert: a TorchTrainer.fit() costs ~20 s of
+start-up and ~1.5 GB of helper processes (ray 2.60), paid once here instead of once per expert.
+The workers are gang-scheduled, so a failure restarts the whole group (FailureConfig); that is
+cheap because every worker resumes its expert after the last epoch saved in the trajectory store.
+
+Why the store, not Ray's checkpoints, holds the snapshots: a snapshot reported as a Ray checkpoint
+would be a second copy of every trajectory row. Each epoch is written once, atomically, into the
+store (a path or URI, the same pyarrow filesystems Ray uses), and `ray.train.report` carries only
+the epoch's metrics. `ray.train.report` is a barrier across workers, so the workers advance in
+rounds: in each round every worker trains one expert and all report the same number of times.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import ray
+import torch
+import torch.distributed as dist
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from .config import Config, config_from_dict
+from .data import load_dataset, read_raw
+from .errors import UserError
+from .experts import open_store_for_training, train_expert
+from .trajectories import TrajectoryStore
+
+
+def connect(address: str | None) -> None:
+    """Join the cluster at `address`, or the one running on this machine, or start a local one."""
+    ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False,
+             configure_logging=False)
+
+
+def plan_rounds(store: TrajectoryStore, cfg: Config, world: int) -> list[list[tuple[int, int]]]:
+    """Rounds of (expert, epochs still to train), at most one expert per worker per round."""
+    done = set(store.completed())
+    todo = []
+    for k in range(cfg.experts.num_experts):
+        if k not in done:
+            saved = store.saved_epochs(k)
+            todo.append((k, cfg.experts.epochs - max(len(saved) - 1, 0)))
+    return [todo[i:i + world] for i in range(0, len(todo), world)]
+
+
+def expert_worker(loop_config: dict) -> None:
+    """The Ray Train worker loop: train this worker's expert of each round, resuming saved epochs."""
+    cfg = config_from_dict(loop_config["config"])
+    torch.set_num_threads(loop_config["threads"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    data = load_dataset(cfg.data, device)
+    store = open_store_for_training(cfg, data.spec)
+    # Everyone reads the store before anyone writes to it, so all workers compute the same plan.
+    rounds = plan_rounds(store, cfg, world)
+    if dist.is_initialized():
+        dist.barrier()
+    for round_ in rounds:
+        reports = max(epochs for _, epochs in round_)
+
+        def report(k: int, epoch: int, metrics: dict) -> None:
+            ray.train.report({**metrics, "expert": k, "rank": rank})
+
+        if rank < len(round_):
+            train_expert(cfg, data, store, round_[rank][0], on_epoch=report)
+            reports -= round_[rank][1]
+        for _ in range(reports):  # idle slots keep the report barrier in step with the busiest worker
+            ray.train.report({"expert": -1, "rank": rank})
+
+
+class Progress:
+    """Prints experts done / running / pending, epochs per second and an ETA, read from the store."""
+
+    def __init__(self, store: TrajectoryStore, cfg: Config, every_s: float):
+        self.store, self.cfg, self.every_s = store, cfg, every_s
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def counts(self) -> tuple[int, int, int]:
+        """(finished experts, experts in training, epochs saved in total)."""
+        done = self.store.completed()
+        running = [k for k in range(self.cfg.experts.num_experts) if k not in done and self.store.saved_epochs(k)]
+        epochs = len(done) * self.cfg.experts.epochs + sum(max(len(self.store.saved_epochs(k)) - 1, 0) for k in running)
+        return len(done), len(running), epochs
+
+    def _loop(self) -> None:
+        start, (_, _, first) = time.perf_counter(), self.counts()
+        total = self.cfg.experts.num_experts * self.cfg.experts.epochs
+        while not self.stop.wait(self.every_s):
+            done, running, epochs = self.counts()
+            rate = (epochs - first) / (time.perf_counter() - start)
+            eta = f"{(total - epochs) / rate / 60:.1f} min" if rate > 0 else "?"
+            pending = self.cfg.experts.num_experts - done - running
+            print(f"experts: {done} done, {running} running, {pending} pending | {rate:.2f} epochs/s | ETA {eta}",
+                  flush=True)
+
+    def __enter__(self) -> "Progress":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def default_workers(cpus_per_worker: int) -> tuple[int, bool]:
+    """(workers, use_gpu): one worker per GPU when the cluster has GPUs, else one per cpus_per_worker CPUs."""
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    if gpus:
+        return gpus, True
+    return max(1, int(resources.get("CPU", 1)) // cpus_per_worker), False
+
+
+def run_job(cfg: Config, address: str | None = None, workers: int = 0, cpus_per_worker: int = 1,
+            max_failures: int = 3, progress_every_s: float = 30.0) -> TrajectoryStore:
+    """Train every expert the store lacks on the Ray cluster at `address`; returns the store."""
+    _, spec, _ = read_raw(cfg.data)  # bad dataset names, paths and files fail here, before Ray starts
+    store = open_store_for_training(cfg, spec)
+    connect(address)
+    todo = sum(len(r) for r in plan_rounds(store, cfg, 1))
+    if not todo:
+        return store
+    default_count, use_gpu = default_workers(cpus_per_worker)
+    workers = min(workers or default_count, todo)
+    with Progress(store, cfg, progress_every_s):
+        trainer = TorchTrainer(
+            expert_worker,
+            train_loop_config={"config": cfg.to_dict(), "threads": cpus_per_worker},
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                         resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+            run_config=RunConfig(name=f"experts_{cfg.data.dataset}_{cfg.model.name}",
+                                 storage_path=f"{store.root.rstrip('/')}/_ray",  # Ray's run state, beside the trajectories
+                                 failure_config=FailureConfig(max_failures=max_failures)),
+        )
+        try:
+            trainer.fit()
+        except ray.train.TrainingFailedError as e:
+            missing = [k for k in range(cfg.experts.num_experts) if k not in set(store.completed())]
+            reason = [line.strip() for line in str(e).splitlines() if line.strip()][-1:] or [type(e).__name__]
+            raise UserError(f"expert job failed after {max_failures} restarts ({reason[0]}); experts "
+                            f"{missing} are unfinished: rerun the same command to resume them") from None
+    return store

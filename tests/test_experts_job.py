@@ -1,0 +1,138 @@
+"""The Ray Train expert job on a real local multi-node cluster (3 nodes of 1 CPU), with faults injected."""
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # before ray starts; Ray 2.60 otherwise wants a token
+ray = pytest.importorskip("ray")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from ray_mtt.experts_job import run_job  # noqa: E402
+from ray_mtt.trajectories import TrajectoryStore  # noqa: E402
+from tests.conftest import REPO, tiny_config  # noqa: E402
+
+EXPERTS, EPOCHS = 4, 4
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    for _ in range(2):
+        c.add_node(num_cpus=1)
+    c.wait_for_nodes()
+    ray.init(address=c.address, log_to_driver=False)
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+def job_config(tmp_path):
+    # Small batches make an epoch last ~1 s, so a fault can land in the middle of an expert.
+    return tiny_config(tmp_path, experts={"num_experts": EXPERTS, "epochs": EPOCHS, "batch_size": 16}).absolute_paths()
+
+
+def train_workers() -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+
+
+def assert_complete_and_uncorrupted(store: TrajectoryStore) -> dict[int, list[dict]]:
+    assert store.completed() == list(range(EXPERTS))
+    epochs = {}
+    for k in store.completed():
+        traj = store.open(k)
+        assert traj.num_snapshots == EPOCHS + 1
+        for e in range(traj.num_snapshots):
+            traj.snapshot(e)  # checks every row's CRC
+        epochs[k] = traj.info["epochs"]
+    return epochs
+
+
+class FaultWhenMidExpert(threading.Thread):
+    """Waits until some expert has saved epochs 0 and 1 but is unfinished, then calls `fault`."""
+
+    def __init__(self, store: TrajectoryStore, fault):
+        super().__init__(daemon=True)
+        self.store, self.fault, self.at, self.saved_before = store, fault, None, {}
+
+    def run(self):
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            partial = {k: self.store.saved_epochs(k) for k in range(EXPERTS) if k not in self.store.completed()}
+            if any(len(saved) >= 2 for saved in partial.values()):
+                self.saved_before = {k: saved for k, saved in partial.items() if saved}
+                self.at = time.time()
+                self.fault()
+                return
+            time.sleep(0.05)
+
+
+def assert_saved_epochs_not_redone(epochs: dict[int, list[dict]], fault: FaultWhenMidExpert):
+    assert fault.at is not None, "the fault was never injected"
+    for k, saved in fault.saved_before.items():
+        for before in saved:
+            after = epochs[k][before["epoch"]]
+            assert after.get("saved_at") == before.get("saved_at"), f"expert {k} epoch {before['epoch']} was redone"
+
+
+def test_workers_train_experts_concurrently_and_survive_a_killed_worker(cluster, tmp_path):
+    cfg = job_config(tmp_path)
+    store = TrajectoryStore(cfg.expert_dir)
+    fault = FaultWhenMidExpert(store, lambda: train_workers()[0].send_signal(signal.SIGKILL))
+    fault.start()
+    run_job(cfg, cluster.address, workers=2, max_failures=3)
+    epochs = assert_complete_and_uncorrupted(store)
+    assert_saved_epochs_not_redone(epochs, fault)
+    # Two experts trained at once: their epoch-save windows overlap.
+    spans = sorted((e[1]["saved_at"], e[-1]["saved_at"]) for e in epochs.values())
+    assert any(a[1] > b[0] for a, b in zip(spans, spans[1:]))
+
+
+def test_job_survives_losing_a_node(cluster, tmp_path):
+    cfg = job_config(tmp_path)
+    store = TrajectoryStore(cfg.expert_dir)
+
+    def remove_a_worker_node():
+        raylets = {p.ppid() for p in train_workers()}
+        node = next(n for n in cluster.worker_nodes if n.all_processes["raylet"][0].process.pid in raylets)
+        cluster.remove_node(node)
+
+    fault = FaultWhenMidExpert(store, remove_a_worker_node)
+    fault.start()
+    try:
+        run_job(cfg, cluster.address, workers=2, max_failures=3)
+    finally:
+        cluster.add_node(num_cpus=1)  # back to three nodes for the other tests
+        cluster.wait_for_nodes()
+    assert_saved_epochs_not_redone(assert_complete_and_uncorrupted(store), fault)
+
+
+def test_killed_driver_reruns_without_redoing_finished_experts(cluster, tmp_path):
+    cfg = job_config(tmp_path)
+    store = TrajectoryStore(cfg.expert_dir)
+    command = [sys.executable, "-m", "ray_mtt.experts", "--address", cluster.address, "--workers", "2",
+               "--model.width", "16", "--num-experts", str(EXPERTS), "--epochs", str(EPOCHS),
+               "--experts.batch_size", "16", "--storage", cfg.expert_dir, "--run_dir", cfg.run_dir]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    log = open(tmp_path / "driver.log", "w")
+    driver = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    while not store.completed() and time.time() < deadline and driver.poll() is None:
+        time.sleep(0.05)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    finished = {k: store.read_info(k) for k in store.completed()}
+    assert 0 < len(finished) < EXPERTS, (tmp_path / "driver.log").read_text()[-3000:]
+    while train_workers():  # the dead driver's workers are torn down by Ray
+        time.sleep(0.2)
+    rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"{EXPERTS} experts in" in rerun.stdout
+    epochs = assert_complete_and_uncorrupted(store)
+    for k, info in finished.items():
+        assert epochs[k] == info["epochs"], f"finished expert {k} was retrained"
