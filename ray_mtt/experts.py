@@ -104,14 +104,9 @@ def open_store_for_training(cfg: Config, spec: DatasetSpec) -> TrajectoryStore:
     return store
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ray_mtt.experts", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    job = parser.add_argument_group("job")
-    job.add_argument("--num-experts", dest="experts.num_experts", default=argparse.SUPPRESS, help="short for --experts.num_experts")
-    job.add_argument("--epochs", dest="experts.epochs", default=argparse.SUPPRESS, help="short for --experts.epochs")
-    job.add_argument("--storage", dest="experts.dir", default=argparse.SUPPRESS,
-                     help="trajectory store: a path (shared on a cluster) or a URI such as s3://bucket/experts")
+def add_job_args(parser: argparse.ArgumentParser) -> None:
+    """Flags that choose where experts train: Ray Train workers (experts_job.py) or this process."""
+    job = parser.add_argument_group("expert job")
     has_ray = importlib.util.find_spec("ray") is not None
     job.add_argument("--engine", choices=("ray", "local"), default="ray" if has_ray else "local",
                      help="ray: Ray Train workers (default when ray is installed); local: this process, torch only")
@@ -119,17 +114,34 @@ def main(argv: list[str] | None = None) -> None:
     job.add_argument("--workers", type=int, default=0, help="Ray Train workers (default: one per GPU, else per CPU)")
     job.add_argument("--cpus-per-worker", type=int, default=1)
     job.add_argument("--max-failures", type=int, default=3, help="worker-group restarts before the job gives up")
+
+
+def make_experts(cfg: Config, args: argparse.Namespace, data: Dataset | None = None,
+                 progress: bool = True) -> TrajectoryStore:
+    """Train the experts the store lacks with the engine that `add_job_args` flags chose."""
+    if args.engine == "ray":
+        if importlib.util.find_spec("ray") is None:
+            raise UserError("--engine ray needs ray (pip install 'ray[train]'); or pass --engine local")
+        from .experts_job import run_job  # the orchestration layer, imported only when asked for
+        return run_job(cfg.absolute_paths(), args.address, args.workers, args.cpus_per_worker, args.max_failures)
+    return train_experts(cfg, data or load_dataset(cfg.data, resolve_device(cfg.device)), progress=progress)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ray_mtt.experts", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    short = parser.add_argument_group("short forms")
+    short.add_argument("--num-experts", dest="experts.num_experts", default=argparse.SUPPRESS,
+                       help="short for --experts.num_experts")
+    short.add_argument("--epochs", dest="experts.epochs", default=argparse.SUPPRESS, help="short for --experts.epochs")
+    short.add_argument("--storage", dest="experts.dir", default=argparse.SUPPRESS,
+                       help="trajectory store: a path (shared on a cluster) or a URI such as s3://bucket/experts")
+    add_job_args(parser)
     add_config_args(parser)
     args = parser.parse_args(argv)
-    cfg = config_from_args(args).absolute_paths()
+    cfg = config_from_args(args)
     start = time.perf_counter()
-    if args.engine == "ray":
-        if not has_ray:
-            raise UserError("--engine ray needs ray (pip install 'ray[train]'); or pass --engine local")
-        from .experts_job import run_job
-        store = run_job(cfg, args.address, args.workers, args.cpus_per_worker, args.max_failures)
-    else:
-        store = train_experts(cfg, load_dataset(cfg.data, resolve_device(cfg.device)))
+    store = make_experts(cfg, args)
     accs = [store.open(k).info["epochs"][-1]["test_acc"] for k in store.completed()]
     print(f"{len(accs)} experts in {store.root} ({time.perf_counter() - start:.0f} s); "
           f"final test accuracy {sum(accs) / len(accs):.3f} mean over experts")

@@ -7,9 +7,10 @@ cheap because every worker resumes its expert after the last epoch saved in the 
 
 Why the store, not Ray's checkpoints, holds the snapshots: a snapshot reported as a Ray checkpoint
 would be a second copy of every trajectory row. Each epoch is written once, atomically, into the
-store (a path or URI, the same pyarrow filesystems Ray uses), and `ray.train.report` carries only
-the epoch's metrics. `ray.train.report` is a barrier across workers, so the workers advance in
-rounds: in each round every worker trains one expert and all report the same number of times.
+store (a path or URI, the same pyarrow filesystems Ray uses). `ray.train.report` is a barrier
+across workers, so the workers advance in rounds: in each round every worker trains one expert
+and then reports it, and all workers report the same number of times. Reporting per expert, not
+per epoch, matters for short epochs: Ray 2.60 takes one report per worker per 2 s health check.
 """
 from __future__ import annotations
 
@@ -35,14 +36,10 @@ def connect(address: str | None) -> None:
              configure_logging=False)
 
 
-def plan_rounds(store: TrajectoryStore, cfg: Config, world: int) -> list[list[tuple[int, int]]]:
-    """Rounds of (expert, epochs still to train), at most one expert per worker per round."""
+def plan_rounds(store: TrajectoryStore, cfg: Config, world: int) -> list[list[int]]:
+    """The unfinished experts, in rounds of at most one expert per worker."""
     done = set(store.completed())
-    todo = []
-    for k in range(cfg.experts.num_experts):
-        if k not in done:
-            saved = store.saved_epochs(k)
-            todo.append((k, cfg.experts.epochs - max(len(saved) - 1, 0)))
+    todo = [k for k in range(cfg.experts.num_experts) if k not in done]
     return [todo[i:i + world] for i in range(0, len(todo), world)]
 
 
@@ -52,24 +49,19 @@ def expert_worker(loop_config: dict) -> None:
     torch.set_num_threads(loop_config["threads"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    data = load_dataset(cfg.data, device)
+    data = load_dataset(cfg.data, ray.train.torch.get_device())
     store = open_store_for_training(cfg, data.spec)
     # Everyone reads the store before anyone writes to it, so all workers compute the same plan.
     rounds = plan_rounds(store, cfg, world)
     if dist.is_initialized():
         dist.barrier()
     for round_ in rounds:
-        reports = max(epochs for _, epochs in round_)
-
-        def report(k: int, epoch: int, metrics: dict) -> None:
-            ray.train.report({**metrics, "expert": k, "rank": rank})
-
+        summary = {"expert": -1}  # a worker without an expert this round still reports, to pass the barrier
         if rank < len(round_):
-            train_expert(cfg, data, store, round_[rank][0], on_epoch=report)
-            reports -= round_[rank][1]
-        for _ in range(reports):  # idle slots keep the report barrier in step with the busiest worker
-            ray.train.report({"expert": -1, "rank": rank})
+            info = train_expert(cfg, data, store, round_[rank])
+            summary = {"expert": round_[rank], "test_acc": info["epochs"][-1]["test_acc"],
+                       "train_seconds": sum(e.get("seconds") or 0 for e in info["epochs"])}
+        ray.train.report({**summary, "rank": rank})
 
 
 class Progress:
@@ -122,7 +114,7 @@ def run_job(cfg: Config, address: str | None = None, workers: int = 0, cpus_per_
     _, spec, _ = read_raw(cfg.data)  # bad dataset names, paths and files fail here, before Ray starts
     store = open_store_for_training(cfg, spec)
     connect(address)
-    todo = sum(len(r) for r in plan_rounds(store, cfg, 1))
+    todo = len(plan_rounds(store, cfg, 1))
     if not todo:
         return store
     default_count, use_gpu = default_workers(cpus_per_worker)

@@ -1,7 +1,8 @@
 """The main job: experts -> distill -> evaluate, then distilled vs random-real accuracy.
 
 `python -m ray_mtt` with no flags runs it on scikit-learn's bundled 8x8 digits (real data, no
-download). Every stage resumes: rerunning the command skips finished experts and continues
+download), with the experts trained on a local Ray cluster and the run recorded in a local
+MLflow store. Every stage resumes: rerunning the command skips finished experts and continues
 distillation from its checkpoint.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from .data import Dataset, load_dataset
 from .distill import Reporter, distill
 from .errors import UserError, run_cli
 from .evaluate import format_table, load_synthetic, random_real_set, score
-from .experts import train_experts
+from .experts import add_job_args, make_experts
 from .train import resolve_device
 
 
@@ -54,13 +55,13 @@ def finish_tracking(tracked, scores: dict, summary: dict) -> None:
         tracked[0].set_terminated(tracked[1])
 
 
-def run_pipeline(cfg: Config, progress: bool = True, tracking_uri: str | None = None) -> dict:
+def run_pipeline(cfg: Config, job: argparse.Namespace, progress: bool = True, tracking_uri: str | None = None) -> dict:
     device = resolve_device(cfg.device)
     data = load_dataset(cfg.data, device)
     tracked = open_tracking(tracking_uri, cfg, f"{cfg.data.dataset} ipc{cfg.distill.ipc}")
     times = {}
     t0 = time.perf_counter()
-    train_experts(cfg, data, progress=progress)
+    make_experts(cfg, job, data, progress=progress)
     times["experts_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     result = distill(cfg, data, reporter=reporter_for(tracked, data, cfg), progress=progress)
@@ -95,9 +96,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ray_mtt", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_tracking_arg(parser)
+    add_job_args(parser)
     add_config_args(parser)
     args = parser.parse_args(argv)
-    run_pipeline(config_from_args(args), tracking_uri=args.tracking_uri)
+    run_pipeline(config_from_args(args), args, tracking_uri=args.tracking_uri)
 
 
 def add_tracking_arg(parser: argparse.ArgumentParser) -> None:

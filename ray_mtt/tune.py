@@ -28,8 +28,7 @@ from .data import load_dataset
 from .distill import Reporter, distill
 from .errors import UserError, run_cli
 from .evaluate import Score, format_table, load_synthetic, random_real_set, score
-from .experts import train_experts
-from .experts_job import connect
+from .experts_job import connect, run_job
 from .models import build_model
 from .train import resolve_device
 from .trajectories import TrajectoryStore
@@ -194,12 +193,11 @@ def main(argv: list[str] | None = None) -> None:
     tracking_uri = args.tracking_uri or default_tracking_uri(cfg.run_dir)
     name = args.name or f"{cfg.data.dataset}_ipc{cfg.distill.ipc}"
     sweep_dir = Path(cfg.run_dir) / "tune" / name
-    device = resolve_device(cfg.device)
 
     user_space = parse_space(args.space, cfg)  # fail fast on bad input, before data, experts and Ray
     load_dataset(cfg.data, "cpu")
     if args.make_experts and not TrajectoryStore(cfg.expert_dir).completed():
-        train_experts(cfg, load_dataset(cfg.data, device))
+        run_job(cfg, args.address)
     available = expert_epochs_available(cfg)
     space = {**default_space(cfg, available), **user_space}
     needed = max(_upper(space["distill.max_start_epoch"])) - 1 + max(_upper(space["distill.expert_epochs"]))
