@@ -9,6 +9,7 @@ warmup, and is reported as a ratio against the plain unrolled path:
   checkpointed   exact same gradient, one step's graph alive at a time (memory flat in N)
   channels_last  unrolled with NHWC tensors
   tf32           unrolled with TF32 matmuls/convolutions (CUDA only)
+  bf16           unrolled under bf16 autocast (changes the numbers: measured, never enabled by default)
 
 Peak memory: on CUDA the allocator's peak for one iteration; on CPU the peak resident-set growth of
 one iteration, measured in a fresh child process per point (CPU allocators expose no peak).
@@ -37,7 +38,7 @@ from .errors import UserError, run_cli
 from .models import FlatModel, build_model
 from .train import resolve_device
 
-VARIANTS = ("unrolled", "checkpointed", "channels_last", "tf32")
+VARIANTS = ("unrolled", "checkpointed", "channels_last", "tf32", "bf16")
 PAPER_3090_S_PER_ITER = {("cifar10", 1): 0.5, ("cifar10", 10): 0.6, ("cifar10", 50): 0.8,
                          ("cifar100", 1): 0.6, ("cifar100", 10): 0.8, ("cifar100", 50): 1.9,
                          ("tiny_imagenet", 1): 1.1, ("tiny_imagenet", 10): 2.3, ("tiny_imagenet", 50): 2.6}
@@ -88,8 +89,10 @@ def variant_settings(variant: str, problem: Problem):
     problem.student.module.to(memory_format=fmt)
     with torch.no_grad():
         problem.syn.images.data = problem.syn.images.data.contiguous(memory_format=fmt)
+    autocast = torch.autocast(problem.start.device.type, torch.bfloat16, enabled=variant == "bf16")
     try:
-        yield
+        with autocast:
+            yield
     finally:
         cuda[0].allow_tf32, cuda[1].allow_tf32 = saved
 
@@ -183,6 +186,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", help="also write the raw measurements to this file")
+    parser.add_argument("--tracking-uri", help="also log the results as an MLflow run (sqlite:///..., http://...); "
+                        "needs mlflow")
+    parser.add_argument("--run_dir", default="runs", help="where a local MLflow store keeps its artifacts")
     parser.add_argument("--_memory-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._memory_child:
@@ -225,6 +231,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(raw, f, indent=1)
+    if args.tracking_uri:
+        try:
+            from .tracking import log_bench  # mlflow only when asked for: the benchmark runs on a torch-only box
+        except ImportError:
+            raise UserError("--tracking-uri needs mlflow (pip install mlflow); or drop the flag") from None
+        settings = {k: str(getattr(args, k)) for k in ("configs", "variants", "syn_steps", "width", "memory_steps",
+                                                        "warmup", "repeats")}
+        print(f"MLflow run {log_bench(args.tracking_uri, args.run_dir, raw, settings)} in {args.tracking_uri}")
 
 
 if __name__ == "__main__":

@@ -125,3 +125,24 @@ def _log_scores(client: MlflowClient, run_id: str, rows: list[tuple[str, Score]]
     lines = ["| set | model | test accuracy |", "|---|---|---|"]
     lines += [f"| {name} | {s.model} | {s} over {len(s.accs)} runs |" for name, s in rows]
     client.set_tag(run_id, NOTE_TAG, "\n".join(lines))
+
+
+def log_bench(tracking_uri: str, run_dir: str | Path, raw: dict, settings: dict[str, str]) -> str:
+    """One MLflow run per benchmark: s/iter per config and variant, speed-ups, peak memory vs N."""
+    client, experiment_id = open_experiment(tracking_uri, run_dir)
+    run_id = start_run(client, experiment_id, f"bench {raw['device']}",
+                       {**settings, "device": raw["device"], "torch": raw["torch"]}, tags={"ray_mtt.kind": "bench"})
+    now, metrics = int(time.time() * 1000), []
+    for config, times in raw["timing"].items():
+        medians = {variant: float(np.median(t)) for variant, t in times.items()}
+        baseline = next(iter(medians.values()))
+        for variant, median in medians.items():
+            metrics.append(Metric(f"s_per_iter/{config}/{variant}", median, now, 0))
+            metrics.append(Metric(f"speedup/{config}/{variant}", baseline / median, now, 0))
+    for key, by_steps in raw["memory"].items():  # key: <config>/<variant>; one point per N
+        metrics += [Metric(f"peak_mib/{key}", float(mib), now, int(n)) for n, mib in by_steps.items()]
+    for start in range(0, len(metrics), 1000):  # MLflow caps a batch at 1000 metrics
+        client.log_batch(run_id, metrics=metrics[start:start + 1000])
+    client.log_dict(run_id, raw, "bench.json")
+    client.set_terminated(run_id)
+    return run_id
