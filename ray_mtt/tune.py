@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 from pathlib import Path
 
 import ray
@@ -133,6 +134,7 @@ def run_trial(config: dict, base: dict, tracking_uri: str, parent_run_id: str, s
         run_file.write_text(run_id)
     reporter = TuneReporter(MlflowReporter(client, run_id, data.preprocess, cfg.distill.ipc), [])
     distill(cfg, data, reporter=reporter, progress=False)
+    client.set_tag(run_id, "ray_mtt.early_stopped", "false")
     client.set_terminated(run_id)
 
 
@@ -250,11 +252,27 @@ def main(argv: list[str] | None = None) -> None:
                                         max_concurrent_trials=args.max_concurrent or None),
             run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1))
     grid = tuner.fit()
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Tune leaves its handler: let Ctrl-C stop the scoring
     unfinished = args.num_samples - grid.num_terminated - grid.num_errors
     if unfinished > 0:  # Tune returns normally after Ctrl-C, having saved the experiment state
         raise UserError(f"sweep {name!r} stopped with {unfinished} of {args.num_samples} trials unfinished; "
                         f"continue it with the same command plus --resume")
+    close_trial_runs(grid, client, sweep_dir, cfg.distill.iterations)
     finish(grid, cfg, args, client, parent_run_id, tracking_uri)
+
+
+def close_trial_runs(grid, client, sweep_dir: Path, iterations: int) -> None:
+    """Tune ends a trial at the report where ASHA stops it or it reaches max_t, so the trial's own
+    code never gets to close its MLflow run: close every run of the finished sweep here."""
+    for result in grid:
+        run_file = sweep_dir / "trials" / str(result.metrics.get("trial_id")) / "mlflow_run_id"
+        if not run_file.is_file():
+            continue
+        run_id = run_file.read_text().strip()
+        if client.get_run(run_id).info.status == "RUNNING":
+            stopped_early = result.metrics.get("iteration", 0) < iterations
+            client.set_tag(run_id, "ray_mtt.early_stopped", str(stopped_early).lower())
+            client.set_terminated(run_id, "FAILED" if result.error else "FINISHED")
 
 
 def _upper(domain) -> list:
@@ -295,12 +313,6 @@ def finish(grid, cfg: Config, args, client, parent_run_id: str, tracking_uri: st
         log_result(client, run_id, scores, summary)
     client.log_artifact(parent_run_id, str(trial_dir / "best.pt"), artifact_path="distilled")
     client.set_tag(parent_run_id, "ray_mtt.best_trial_run_id", child_run_id)
-    # Trials that ASHA stopped never return from tune.report: close their runs here.
-    experiment_id = client.get_run(parent_run_id).info.experiment_id
-    for run in client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'"):
-        if run.info.status == "RUNNING":
-            client.set_tag(run.info.run_id, "ray_mtt.early_stopped", "true")
-            client.set_terminated(run.info.run_id)
     client.set_terminated(parent_run_id)
     print(f"MLflow: {tracking_uri} (parent run {parent_run_id}); open it with "
           f"`mlflow ui --backend-store-uri {tracking_uri}`")
