@@ -55,17 +55,17 @@ def train_expert(cfg: Config, data: Dataset, store: TrajectoryStore, index: int,
     torch.manual_seed(seed)
     model = build_expert_model(cfg, data.spec).to(device)
     flat = FlatModel(model)
-    saved = store.saved_epochs(index)
+    saved = store.saved_epoch_count(index)
     if saved:
-        flat.load(store.load_epoch(index, len(saved) - 1).to(device))
+        flat.load(store.load_epoch(index, saved - 1).to(device))
     else:
         store.save_epoch(index, 0, flat.flatten(), {"epoch": 0, "test_acc": None, "train_loss": None})
-        saved = [None]
+        saved = 1
     ex = cfg.experts
     # Momentum state is not part of a trajectory (the paper uses none); a resumed expert restarts it at zero.
     optimizer = torch.optim.SGD(model.parameters(), lr=ex.lr, momentum=ex.momentum, weight_decay=ex.weight_decay)
     augment = DSA(cfg.augment.strategy, cfg.augment.siamese)
-    epochs = range(len(saved), ex.epochs + 1)
+    epochs = range(saved, ex.epochs + 1)
     for epoch in epochs:
         # Seed each epoch from (expert, epoch) so a resumed expert sees the same data order and augmentation.
         torch.manual_seed(seed * 1000 + epoch)
@@ -85,7 +85,7 @@ def train_expert(cfg: Config, data: Dataset, store: TrajectoryStore, index: int,
 def train_experts(cfg: Config, data: Dataset, progress: bool = True) -> TrajectoryStore:
     """Train every expert of cfg.experts that the store does not hold yet (the local, one-process path)."""
     store = open_store_for_training(cfg, data.spec)
-    todo = [k for k in range(cfg.experts.num_experts) if k not in set(store.completed())]
+    todo = store.unfinished(cfg.experts.num_experts)
     bar = tqdm(total=cfg.experts.num_experts, initial=cfg.experts.num_experts - len(todo), desc="experts",
                disable=not progress)
     for k in todo:

@@ -38,8 +38,7 @@ def connect(address: str | None) -> None:
 
 def plan_rounds(store: TrajectoryStore, cfg: Config, world: int) -> list[list[int]]:
     """The unfinished experts, in rounds of at most one expert per worker."""
-    done = set(store.completed())
-    todo = [k for k in range(cfg.experts.num_experts) if k not in done]
+    todo = store.unfinished(cfg.experts.num_experts)
     return [todo[i:i + world] for i in range(0, len(todo), world)]
 
 
@@ -73,11 +72,11 @@ class Progress:
         self.thread = threading.Thread(target=self._loop, daemon=True)
 
     def counts(self) -> tuple[int, int, int]:
-        """(finished experts, experts in training, epochs saved in total)."""
-        done = self.store.completed()
-        running = [k for k in range(self.cfg.experts.num_experts) if k not in done and self.store.saved_epochs(k)]
-        epochs = len(done) * self.cfg.experts.epochs + sum(max(len(self.store.saved_epochs(k)) - 1, 0) for k in running)
-        return len(done), len(running), epochs
+        """(finished experts, experts in training, epochs saved in total), from listings only."""
+        unfinished = self.store.unfinished(self.cfg.experts.num_experts)
+        saved = [n for n in map(self.store.saved_epoch_count, unfinished) if n]  # includes epoch 0, the init
+        done = self.cfg.experts.num_experts - len(unfinished)
+        return done, len(saved), done * self.cfg.experts.epochs + sum(n - 1 for n in saved)
 
     def _loop(self) -> None:
         start, (_, _, first) = time.perf_counter(), self.counts()
@@ -114,11 +113,11 @@ def run_job(cfg: Config, address: str | None = None, workers: int = 0, cpus_per_
     _, spec, _ = read_raw(cfg.data)  # bad dataset names, paths and files fail here, before Ray starts
     store = open_store_for_training(cfg, spec)
     connect(address)
-    todo = len(plan_rounds(store, cfg, 1))
+    todo = store.unfinished(cfg.experts.num_experts)
     if not todo:
         return store
     default_count, use_gpu = default_workers(cpus_per_worker)
-    workers = min(workers or default_count, todo)
+    workers = min(workers or default_count, len(todo))
     with Progress(store, cfg, progress_every_s):
         trainer = TorchTrainer(
             expert_worker,
@@ -132,7 +131,7 @@ def run_job(cfg: Config, address: str | None = None, workers: int = 0, cpus_per_
         try:
             trainer.fit()
         except ray.train.TrainingFailedError as e:
-            missing = [k for k in range(cfg.experts.num_experts) if k not in set(store.completed())]
+            missing = store.unfinished(cfg.experts.num_experts)
             reason = [line.strip() for line in str(e).splitlines() if line.strip()][-1:] or [type(e).__name__]
             raise UserError(f"expert job failed after {max_failures} restarts ({reason[0]}); experts "
                             f"{missing} are unfinished: rerun the same command to resume them") from None

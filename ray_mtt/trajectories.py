@@ -117,13 +117,22 @@ class TrajectoryStore:
     def _epoch(self, k: int, epoch: int, ext: str) -> str:
         return f"expert_{k:04d}.partial/epoch_{epoch:03d}.{ext}"
 
+    def unfinished(self, num_experts: int) -> list[int]:
+        """Experts 0..num_experts-1 without a completion marker (one listing of the store)."""
+        done = set(self.completed())
+        return [k for k in range(num_experts) if k not in done]
+
+    def saved_epoch_count(self, k: int) -> int:
+        """Epochs saved so far, contiguous from 0, from one listing (no file reads)."""
+        names = set(self.storage.list(f"expert_{k:04d}.partial"))
+        count = 0
+        while f"epoch_{count:03d}.npy" in names:
+            count += 1
+        return count
+
     def saved_epochs(self, k: int) -> list[dict]:
         """Metrics of the epochs saved so far (contiguous from 0); a rerun resumes after the last."""
-        names = set(self.storage.list(f"expert_{k:04d}.partial"))
-        done = []
-        while f"epoch_{len(done):03d}.npy" in names:
-            done.append(read_json(self.storage, self._epoch(k, len(done), "json")))
-        return done
+        return [read_json(self.storage, self._epoch(k, e, "json")) for e in range(self.saved_epoch_count(k))]
 
     def load_epoch(self, k: int, epoch: int) -> torch.Tensor:
         return torch.from_numpy(np.load(io.BytesIO(self.storage.read(self._epoch(k, epoch, "npy")))))
