@@ -28,6 +28,12 @@ class DataConfig:
     zca: bool = False  # ZCA whitening instead of mean/std normalization (kornia, eps 0.1)
     val_per_class: int = 10  # real images per class held out from training, for checkpoint selection
     train_per_class: int = 0  # keep only the first k training images per class (quick runs); 0 = all
+    # How expert training reads the training split: "tensor" keeps it as uint8 on the device (fast,
+    # needs the memory); "ffcv" streams a .beton written once (beton.py; pip install 'ray_mtt[ffcv]').
+    loader: str = "tensor"
+    beton_dir: str = ""  # where .beton files are written; "" = <run_dir>/<dataset>; shared on a cluster
+    beton_format: str = "raw"  # raw pixels (exact) | jpg (JPEG quality 90: smaller, lossy, RGB only)
+    beton_workers: int = 0  # FFCV decoding threads; 0 = torch's thread count
 
 
 @dataclass
@@ -115,8 +121,9 @@ class Config:
         self.run_dir = str(Path(self.run_dir).resolve())
         if not is_uri(self.expert_dir):
             self.experts.dir = str(Path(self.expert_dir).resolve())
-        if self.data.data_dir:
-            self.data.data_dir = str(Path(self.data.data_dir).resolve())
+        for field_name in ("data_dir", "beton_dir"):
+            if getattr(self.data, field_name):
+                setattr(self.data, field_name, str(Path(getattr(self.data, field_name)).resolve()))
         return self
 
     def to_dict(self) -> dict:
@@ -143,6 +150,12 @@ class Config:
             (len(v.models) >= 1, "eval.models must name at least one model"),
             (self.data.val_per_class >= 0 and self.data.train_per_class >= 0,
              "data.val_per_class and data.train_per_class must be >= 0"),
+            (self.data.loader in ("tensor", "ffcv"), f"data.loader must be 'tensor' or 'ffcv', got {self.data.loader!r}"),
+            (self.data.beton_format in ("raw", "jpg"),
+             f"data.beton_format must be 'raw' or 'jpg', got {self.data.beton_format!r}"),
+            (self.data.beton_workers >= 0, "data.beton_workers must be >= 0 (0 = torch's thread count)"),
+            (not is_uri(self.data.beton_dir), "data.beton_dir must be a local or shared-filesystem path: FFCV "
+             "memory-maps the file, it cannot read a URI"),
             (self.model.width >= 1 and self.model.depth >= 0, "model.width must be >= 1 and model.depth >= 0"),
         ]
         for ok, message in checks:

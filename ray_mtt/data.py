@@ -31,12 +31,40 @@ IMAGENET_SUBSETS = {
 }
 
 
+class ImageFiles:
+    """Image files that decode when indexed (by an int, a slice or an index array), like a read-only
+    uint8 (N, size, size, 3) array.
+
+    Folder datasets (Tiny ImageNet, the ImageNet subsets) stay a list of paths until a split is
+    used: the default loader stacks the split it needs, the .beton writer streams them one by one.
+    """
+
+    def __init__(self, paths: list[Path], size: int):
+        self.paths, self.size = list(paths), size
+        self.dtype, self.ndim = np.dtype(np.uint8), 4
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.paths), self.size, self.size, 3)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        if isinstance(index, (int, np.integer)):
+            return _load_image(self.paths[index], self.size)
+        picked = np.arange(len(self.paths))[index]  # a slice or an index array, as numpy reads them
+        if not len(picked):
+            return np.zeros((0, self.size, self.size, 3), np.uint8)
+        return np.stack([_load_image(self.paths[i], self.size) for i in picked])
+
+
 @dataclass
 class RawSplits:
-    """uint8 images (N, H, W, C) and int64 labels, as read from disk."""
-    x_train: np.ndarray
+    """uint8 images (N, H, W, C) and int64 labels, as read from disk (images maybe still as files)."""
+    x_train: np.ndarray | ImageFiles
     y_train: np.ndarray
-    x_test: np.ndarray
+    x_test: np.ndarray | ImageFiles
     y_test: np.ndarray
     classes: list[str]
 
@@ -206,12 +234,6 @@ def _load_image(path: Path, size: int) -> np.ndarray:
         raise UserError(f"cannot decode image {path} ({e}); remove or replace the file") from None
 
 
-def _stack(paths: list[Path], size: int, channels: int = 3) -> np.ndarray:
-    if not paths:
-        return np.zeros((0, size, size, channels), np.uint8)
-    return np.stack([_load_image(p, size) for p in paths])
-
-
 TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 
 
@@ -250,8 +272,8 @@ def _read_tiny(data_dir: Path, download: bool, spec: DatasetSpec) -> RawSplits:
         for line in (root / "words.txt").read_text().splitlines():
             wnid, _, name = line.partition("\t")
             words[wnid] = name
-    return RawSplits(_stack(train_paths, 64), np.array(train_labels, np.int64),
-                     _stack(val_paths, 64), np.array(val_labels, np.int64), [words.get(w, w) for w in wnids])
+    return RawSplits(ImageFiles(train_paths, 64), np.array(train_labels, np.int64),
+                     ImageFiles(val_paths, 64), np.array(val_labels, np.int64), [words.get(w, w) for w in wnids])
 
 
 def _imagenet_subset_reader(subset: str):
@@ -270,7 +292,7 @@ def _imagenet_subset_reader(subset: str):
                 files = sorted(f for f in (data_dir / name / w).glob("*") if f.is_file())
                 paths += files
                 labels += [label] * len(files)
-            return _stack(paths, 128), np.array(labels, np.int64)
+            return ImageFiles(paths, 128), np.array(labels, np.int64)
         (xtr, ytr), (xte, yte) = split("train"), split("val")
         return RawSplits(xtr, ytr, xte, yte, chosen)
     return read
@@ -340,7 +362,8 @@ def fit_zca(x_uint8: torch.Tensor, eps: float = 0.1):
 class Dataset:
     spec: DatasetSpec
     classes: list[str]
-    x_train: torch.Tensor  # uint8 (N, C, H, W) on the device
+    x_train: torch.Tensor  # uint8 (N, C, H, W) on the device; empty when experts stream it from a .beton
+    y_train: torch.Tensor  # (N,) labels, kept even when x_train streams
     y_train: torch.Tensor
     x_val: torch.Tensor  # held out from training (experts never see it)
     y_val: torch.Tensor
@@ -404,19 +427,24 @@ def read_raw(cfg: DataConfig) -> tuple[RawSplits, DatasetSpec, Path]:
     return raw, spec, data_dir
 
 
-def load_dataset(cfg: DataConfig, device: torch.device | str = "cpu") -> Dataset:
+def load_dataset(cfg: DataConfig, device: torch.device | str = "cpu", keep_train: bool = True) -> Dataset:
+    """The splits as uint8 tensors on `device`. keep_train=False leaves x_train empty, for expert
+    training that streams the training split from a .beton (beton.py) instead."""
     raw, spec, _ = read_raw(cfg)
     train_idx, val_idx = split_validation(raw.y_train, cfg.val_per_class, spec.num_classes, cfg.train_per_class)
 
-    def tensor(x):  # (N, H, W, C) uint8 -> (N, C, H, W) on the device
-        return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)
+    def tensor(x, on=device):  # (N, H, W, C) uint8 -> (N, C, H, W)
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(on)
 
-    x_train = tensor(raw.x_train[train_idx])
+    # ZCA is fitted on the whole training split, so it is read even when it is not kept.
+    x_train = tensor(raw.x_train[train_idx], device if keep_train else "cpu") if keep_train or cfg.zca else None
     zca = fit_zca(x_train) if cfg.zca else None
+    if not keep_train:  # the labels stay: they are small, and say how many images the stream must hold
+        x_train = torch.zeros(0, spec.channels, spec.size, spec.size, dtype=torch.uint8, device=device)
     return Dataset(
         spec=spec, classes=raw.classes or [str(i) for i in range(spec.num_classes)],
         x_train=x_train, y_train=torch.from_numpy(raw.y_train[train_idx]).to(device),
         x_val=tensor(raw.x_train[val_idx]), y_val=torch.from_numpy(raw.y_train[val_idx]).to(device),
-        x_test=tensor(raw.x_test), y_test=torch.from_numpy(raw.y_test).to(device),
+        x_test=tensor(raw.x_test[:]), y_test=torch.from_numpy(raw.y_test).to(device),
         preprocess=Preprocess(spec.mean, spec.std, zca).to(device),
     )

@@ -20,7 +20,7 @@ from .config import Config, add_config_args, config_from_args
 from .data import Dataset, load_dataset
 from .errors import UserError, run_cli
 from .models import build_model
-from .train import accuracy, resolve_device, train_epoch
+from .train import ShuffledBatches, accuracy, resolve_device, train_epoch
 
 
 @dataclass
@@ -55,7 +55,7 @@ def train_and_score(model_name: str, images: torch.Tensor, labels: torch.Tensor,
     gen = torch.Generator().manual_seed(seed)
     images, labels = images.detach(), labels.detach()
     for _ in range(epochs):
-        train_epoch(model, optimizer, images, labels, ev.batch_size, lambda x: x, augment, gen)
+        train_epoch(model, optimizer, ShuffledBatches(images, labels, ev.batch_size, gen), lambda x: x, augment)
         schedule.step()
     return accuracy(model, x_eval, y_eval, data.preprocess)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import time
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from tqdm import tqdm
@@ -23,7 +23,7 @@ from .config import Config, add_config_args, config_from_args
 from .data import Dataset, DatasetSpec, load_dataset
 from .errors import UserError, run_cli
 from .models import FlatModel, build_model, default_depth
-from .train import accuracy, resolve_device, train_epoch
+from .train import ShuffledBatches, accuracy, resolve_device, train_epoch
 from .trajectories import TrajectoryStore
 
 EpochCallback = Callable[[int, int, dict], None]  # (expert index, epoch, metrics)
@@ -47,8 +47,30 @@ def expert_seed(cfg: Config, index: int) -> int:
     return cfg.seed * 1_000_003 + index
 
 
+def load_expert_data(cfg: Config, device: torch.device | str) -> Dataset:
+    """The dataset as expert training needs it: without the training images when they stream from a .beton."""
+    return load_dataset(cfg.data, device, keep_train=cfg.data.loader == "tensor")
+
+
+EpochBatches = Callable[[int, int], Iterable]  # (seed, epoch) -> that epoch's (uint8 images, labels) minibatches
+
+
+def epoch_batches(cfg: Config, data: Dataset) -> EpochBatches:
+    """The training split's minibatches on the device, in an order fixed by (seed, epoch), so a
+    resumed expert sees the data it would have seen. Build it once per process: the FFCV loader
+    compiles its pipeline (seconds) when built, and serves every expert after that."""
+    if cfg.data.loader == "ffcv":
+        from .beton import BetonBatches, ensure_beton  # the optional ffcv extra
+        spec = data.spec
+        return BetonBatches(ensure_beton(cfg), cfg.experts.batch_size, data.y_train.device, len(data.y_train),
+                            (spec.size, spec.size, spec.channels), cfg.data.beton_workers).epoch
+    return lambda seed, epoch: ShuffledBatches(data.x_train, data.y_train, cfg.experts.batch_size,
+                                               torch.Generator().manual_seed(seed + epoch))
+
+
 def train_expert(cfg: Config, data: Dataset, store: TrajectoryStore, index: int,
-                 on_epoch: EpochCallback | None = None, progress: bool = False) -> dict:
+                 on_epoch: EpochCallback | None = None, progress: bool = False,
+                 batches: EpochBatches | None = None) -> dict:
     """Train expert `index` for cfg.experts.epochs epochs, resuming after its last saved epoch."""
     device = data.x_train.device
     seed = expert_seed(cfg, index)
@@ -65,13 +87,11 @@ def train_expert(cfg: Config, data: Dataset, store: TrajectoryStore, index: int,
     # Momentum state is not part of a trajectory (the paper uses none); a resumed expert restarts it at zero.
     optimizer = torch.optim.SGD(model.parameters(), lr=ex.lr, momentum=ex.momentum, weight_decay=ex.weight_decay)
     augment = DSA(cfg.augment.strategy, cfg.augment.siamese)
-    epochs = range(saved, ex.epochs + 1)
-    for epoch in epochs:
-        # Seed each epoch from (expert, epoch) so a resumed expert sees the same data order and augmentation.
-        torch.manual_seed(seed * 1000 + epoch)
-        gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+    batches = batches or epoch_batches(cfg, data)
+    for epoch in range(saved, ex.epochs + 1):
+        torch.manual_seed(seed * 1000 + epoch)  # so a resumed expert also draws the same augmentations
         start = time.perf_counter()
-        loss = train_epoch(model, optimizer, data.x_train, data.y_train, ex.batch_size, data.preprocess, augment, gen,
+        loss = train_epoch(model, optimizer, batches(seed * 1000, epoch), data.preprocess, augment,
                            progress=f"expert {index} epoch {epoch}" if progress else "")
         metrics = {"epoch": epoch, "train_loss": float(loss), "seconds": time.perf_counter() - start,
                    "test_acc": accuracy(model, data.x_test, data.y_test, data.preprocess), "saved_at": time.time()}
@@ -88,8 +108,9 @@ def train_experts(cfg: Config, data: Dataset, progress: bool = True) -> Trajecto
     todo = store.unfinished(cfg.experts.num_experts)
     bar = tqdm(total=cfg.experts.num_experts, initial=cfg.experts.num_experts - len(todo), desc="experts",
                disable=not progress)
+    batches = epoch_batches(cfg, data) if todo else None
     for k in todo:
-        info = train_expert(cfg, data, store, k, progress=progress)
+        info = train_expert(cfg, data, store, k, progress=progress, batches=batches)
         bar.update(1)
         bar.set_postfix(test_acc=f"{info['epochs'][-1]['test_acc']:.3f}")
     bar.close()
@@ -124,7 +145,7 @@ def make_experts(cfg: Config, args: argparse.Namespace, data: Dataset | None = N
             raise UserError("--engine ray needs ray (pip install 'ray[train]'); or pass --engine local")
         from .experts_job import run_job  # the orchestration layer, imported only when asked for
         return run_job(cfg.absolute_paths(), args.address, args.workers, args.cpus_per_worker, args.max_failures)
-    return train_experts(cfg, data or load_dataset(cfg.data, resolve_device(cfg.device)), progress=progress)
+    return train_experts(cfg, data or load_expert_data(cfg, resolve_device(cfg.device)), progress=progress)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,9 +24,9 @@ from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from .config import Config, config_from_dict
-from .data import load_dataset, read_raw
+from .data import read_raw
 from .errors import UserError
-from .experts import open_store_for_training, train_expert
+from .experts import epoch_batches, load_expert_data, open_store_for_training, train_expert
 from .trajectories import TrajectoryStore
 
 
@@ -48,16 +48,17 @@ def expert_worker(loop_config: dict) -> None:
     torch.set_num_threads(loop_config["threads"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    data = load_dataset(cfg.data, ray.train.torch.get_device())
+    data = load_expert_data(cfg, ray.train.torch.get_device())
     store = open_store_for_training(cfg, data.spec)
     # Everyone reads the store before anyone writes to it, so all workers compute the same plan.
     rounds = plan_rounds(store, cfg, world)
     if dist.is_initialized():
         dist.barrier()
+    batches = epoch_batches(cfg, data) if rounds else None
     for round_ in rounds:
         summary = {"expert": -1}  # a worker without an expert this round still reports, to pass the barrier
         if rank < len(round_):
-            info = train_expert(cfg, data, store, round_[rank])
+            info = train_expert(cfg, data, store, round_[rank], batches=batches)
             summary = {"expert": round_[rank], "test_acc": info["epochs"][-1]["test_acc"],
                        "train_seconds": sum(e.get("seconds") or 0 for e in info["epochs"])}
         ray.train.report({**summary, "rank": rank})
@@ -112,6 +113,9 @@ def run_job(cfg: Config, address: str | None = None, workers: int = 0, cpus_per_
     """Train every expert the store lacks on the Ray cluster at `address`; returns the store."""
     _, spec, _ = read_raw(cfg.data)  # bad dataset names, paths and files fail here, before Ray starts
     store = open_store_for_training(cfg, spec)
+    if cfg.data.loader == "ffcv":
+        from .beton import ensure_beton
+        ensure_beton(cfg)  # written once here; workers on nodes that cannot see beton_dir write their own
     connect(address)
     todo = store.unfinished(cfg.experts.num_experts)
     if not todo:

@@ -1,7 +1,8 @@
 """The plain training loop shared by expert training and evaluation, and test accuracy."""
 from __future__ import annotations
 
-from typing import Callable
+import math
+from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -15,25 +16,39 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
-                batch_size: int, to_input: Callable[[torch.Tensor], torch.Tensor],
-                augment: Callable[[torch.Tensor], torch.Tensor], generator: torch.Generator | None = None,
+class ShuffledBatches:
+    """One epoch of minibatches of tensors already on the device, in random order: the default
+    loader (the GPU never waits on Python). The beton loader yields the same (images, labels)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                 generator: torch.Generator | None = None):
+        self.images, self.labels, self.batch_size, self.generator = images, labels, batch_size, generator
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.images) / self.batch_size)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.images), generator=self.generator).to(self.images.device)
+        for batch in order.split(self.batch_size):
+            yield self.images[batch], self.labels[batch]
+
+
+def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                to_input: Callable[[torch.Tensor], torch.Tensor], augment: Callable[[torch.Tensor], torch.Tensor],
                 progress: str = "") -> torch.Tensor:
-    """One pass over (images, labels) in random order; returns the mean training loss as a tensor
+    """One pass over `batches` of (images, labels); returns the mean training loss as a tensor
     (no host sync, which matters in evaluation's 1000 one-step epochs on GPU). A non-empty
     `progress` shows a per-batch bar with that label."""
     model.train()
-    order = torch.randperm(len(images), generator=generator).to(images.device)
-    total, count = torch.zeros((), device=images.device), 0
-    for batch in tqdm(order.split(batch_size), desc=progress, disable=not progress, leave=False):
-        x = augment(to_input(images[batch]))
-        loss = F.cross_entropy(model(x), labels[batch])
+    sums, count = [], 0  # per-batch loss sums stay on the device
+    for images, labels in tqdm(batches, desc=progress, disable=not progress, leave=False):
+        loss = F.cross_entropy(model(augment(to_input(images))), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += loss.detach() * len(batch)
-        count += len(batch)
-    return total / max(count, 1)
+        sums.append(loss.detach() * len(labels))
+        count += len(labels)
+    return torch.stack(sums).sum() / count if sums else torch.zeros(())
 
 
 @torch.no_grad()

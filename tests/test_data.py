@@ -69,7 +69,7 @@ def test_tiny_imagenet_reads_val_labels_from_annotations(tmp_path):
     assert raw.y_test.tolist() == [2, 0, 1, 2]  # not all one class
     assert raw.y_train.tolist() == [0, 0, 1, 1, 2, 2]
     assert raw.x_train.shape == (6, 64, 64, 3) and raw.classes == ["goldfish", "shark", "ray"]
-    assert abs(int(raw.x_train[2, 0, 0, 0]) - 80) <= 2  # class 1 images are the red ones (JPEG is lossy)
+    assert abs(int(raw.x_train[2][0, 0, 0]) - 80) <= 2  # class 1 images are the red ones (JPEG is lossy)
 
 
 def test_imagenet_subset_picks_classes_by_imagenet_index(tmp_path):

@@ -1,9 +1,10 @@
 from pathlib import Path
 
+import pytest
 import torch
 
 from ray_mtt.experts import open_store_for_training, train_expert, train_experts
-from tests.conftest import tiny_config
+from tests.conftest import needs_ffcv, tiny_config
 
 
 class Killed(Exception):
@@ -19,8 +20,9 @@ def test_trajectory_snapshots_differ_and_accuracy_rises(tmp_path, digits):
     assert traj.info["epochs"][-1]["test_acc"] > 0.3  # chance is 0.1
 
 
-def test_killed_expert_resumes_without_redoing_epochs_and_matches_uninterrupted(tmp_path, digits):
-    cfg = tiny_config(tmp_path)
+@pytest.mark.parametrize("loader", ["tensor", pytest.param("ffcv", marks=needs_ffcv)])
+def test_killed_expert_resumes_without_redoing_epochs_and_matches_uninterrupted(tmp_path, digits, loader):
+    cfg = tiny_config(tmp_path, data={"loader": loader})
     store = open_store_for_training(cfg, digits.spec)
 
     def die_after_epoch_2(index, epoch, metrics):
@@ -36,7 +38,7 @@ def test_killed_expert_resumes_without_redoing_epochs_and_matches_uninterrupted(
     train_expert(cfg, digits, store, 0, on_epoch=lambda k, e, m: epochs_run.append(e))
     assert epochs_run == [3]  # epochs 1 and 2 were not redone
 
-    straight = tiny_config(tmp_path / "straight")
+    straight = tiny_config(tmp_path / "straight", data={"loader": loader})
     reference = train_experts(straight, digits, progress=False).open(0)
     resumed = store.open(0)
     for e in range(4):

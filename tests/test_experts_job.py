@@ -15,7 +15,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from ray_mtt.experts_job import run_job  # noqa: E402
 from ray_mtt.trajectories import TrajectoryStore  # noqa: E402
-from tests.conftest import REPO, tiny_config  # noqa: E402
+from tests.conftest import REPO, needs_ffcv, tiny_config  # noqa: E402
 
 EXPERTS, EPOCHS = 4, 4
 
@@ -91,6 +91,16 @@ def test_workers_train_experts_concurrently_and_survive_a_killed_worker(cluster,
     # Two experts trained at once: their epoch-save windows overlap.
     spans = sorted((e[1]["saved_at"], e[-1]["saved_at"]) for e in epochs.values())
     assert any(a[1] > b[0] for a, b in zip(spans, spans[1:]))
+
+
+@needs_ffcv
+def test_workers_stream_experts_from_a_beton(cluster, tmp_path):
+    from ray_mtt.beton import beton_file
+    cfg = job_config(tmp_path)
+    cfg.data.loader = "ffcv"
+    run_job(cfg, cluster.address, workers=2, max_failures=0)
+    assert_complete_and_uncorrupted(TrajectoryStore(cfg.expert_dir))
+    assert [p.name for p in beton_file(cfg).parent.glob("*.beton")] == [beton_file(cfg).name]  # one file, no temps
 
 
 def test_job_survives_losing_a_node(cluster, tmp_path):
