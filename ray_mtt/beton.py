@@ -30,10 +30,13 @@ INSTALL_HINT = ("the ffcv loader needs the ffcv extra: apt-get install -y pkg-co
 
 
 def require_ffcv() -> None:
+    threads = torch.get_num_threads()
     try:
         import ffcv  # noqa: F401
     except ImportError as e:  # also what a missing libturbojpeg/libopencv at run time looks like
         raise UserError(f"{INSTALL_HINT} ({e})") from None
+    # Importing ffcv sets torch to 1 thread; its loader then sets torch to its worker count.
+    torch.set_num_threads(threads)
 
 
 def beton_file(cfg: Config) -> Path:

@@ -33,7 +33,7 @@ class DataConfig:
     loader: str = "tensor"
     beton_dir: str = ""  # where .beton files are written; "" = <run_dir>/<dataset>; shared on a cluster
     beton_format: str = "raw"  # raw pixels (exact) | jpg (JPEG quality 90: smaller, lossy, RGB only)
-    beton_workers: int = 0  # FFCV decoding threads; 0 = torch's thread count
+    beton_workers: int = 0  # FFCV decoding threads (FFCV gives torch as many); 0 = torch's thread count
 
 
 @dataclass
@@ -156,6 +156,7 @@ class Config:
             (self.data.beton_workers >= 0, "data.beton_workers must be >= 0 (0 = torch's thread count)"),
             (not is_uri(self.data.beton_dir), "data.beton_dir must be a local or shared-filesystem path: FFCV "
              "memory-maps the file, it cannot read a URI"),
+            (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
             (self.model.width >= 1 and self.model.depth >= 0, "model.width must be >= 1 and model.depth >= 0"),
         ]
         for ok, message in checks:

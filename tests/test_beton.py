@@ -111,3 +111,11 @@ def test_missing_ffcv_names_the_extra(tmp_path):
             f"run_cli(main, ['--engine', 'local', '--run_dir', {str(tmp_path)!r}, '--data.loader', 'ffcv'])")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "pip install 'ray_mtt[ffcv]'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_ffcv_import_keeps_torchs_thread_count():
+    """ffcv sets torch to 1 thread when imported: on a CPU that would halve expert training."""
+    code = ("import torch; torch.set_num_threads(2)\n"
+            "from ray_mtt.beton import require_ffcv; require_ffcv(); print(torch.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["2"], out.stderr
