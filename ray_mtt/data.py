@@ -364,7 +364,6 @@ class Dataset:
     classes: list[str]
     x_train: torch.Tensor  # uint8 (N, C, H, W) on the device; empty when experts stream it from a .beton
     y_train: torch.Tensor  # (N,) labels, kept even when x_train streams
-    y_train: torch.Tensor
     x_val: torch.Tensor  # held out from training (experts never see it)
     y_val: torch.Tensor
     x_test: torch.Tensor

@@ -58,7 +58,7 @@ EpochBatches = Callable[[int, int], Iterable]  # (seed, epoch) -> that epoch's (
 def epoch_batches(cfg: Config, data: Dataset) -> EpochBatches:
     """The training split's minibatches on the device, in an order fixed by (seed, epoch), so a
     resumed expert sees the data it would have seen. Build it once per process: the FFCV loader
-    compiles its pipeline (seconds) when built, and serves every expert after that."""
+    compiles its pipeline (seconds) on first use, then serves every expert."""
     if cfg.data.loader == "ffcv":
         from .beton import BetonBatches, ensure_beton  # the optional ffcv extra
         spec = data.spec
