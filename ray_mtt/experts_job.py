@@ -14,6 +14,7 @@ per epoch, matters for short epochs: Ray 2.60 takes one report per worker per 2 
 """
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
@@ -30,8 +31,23 @@ from .experts import epoch_batches, load_expert_data, open_store_for_training, t
 from .trajectories import TrajectoryStore
 
 
+def check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
+    """Ray's client retries a HOST:PORT that nobody answers for minutes; a TCP connect tells in seconds."""
+    if not address or address in ("auto", "local") or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--address {address!r} is not HOST:PORT (e.g. 10.0.0.5:6379), 'auto' or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise UserError(f"no Ray cluster answers at {address} ({e.strerror or e}); start one there with "
+                        f"`ray start --head`, or drop --address to use the local one") from None
+
+
 def connect(address: str | None) -> None:
     """Join the cluster at `address`, or the one running on this machine, or start a local one."""
+    check_reachable(address)
     ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False,
              configure_logging=False)
 

@@ -103,6 +103,14 @@ def test_evaluate_missing_synthetic(tmp_path):
                           "not found", "python -m ray_mtt.distill")
 
 
+@pytest.mark.parametrize("address, fragment", [("127.0.0.1:1", "no Ray cluster answers at 127.0.0.1:1"),
+                                               ("head-node", "is not HOST:PORT")])
+def test_unreachable_ray_address_fails_in_seconds(tmp_path, address, fragment):
+    pytest.importorskip("ray")
+    result = run_cli("ray_mtt.experts", "--address", address, "--run_dir", str(tmp_path), *TINY)
+    assert_one_line_error(result, fragment, "--address")
+
+
 def test_help_lists_every_field_with_defaults():
     result = run_cli("ray_mtt.distill", "--help")
     assert result.returncode == 0
