@@ -426,18 +426,21 @@ def read_raw(cfg: DataConfig) -> tuple[RawSplits, DatasetSpec, Path]:
     return raw, spec, data_dir
 
 
-def load_dataset(cfg: DataConfig, device: torch.device | str = "cpu", keep_train: bool = True) -> Dataset:
+def load_dataset(cfg: DataConfig, device: torch.device | str = "cpu", keep_train: bool = True,
+                 zca: tuple[torch.Tensor, ...] | None = None) -> Dataset:
     """The splits as uint8 tensors on `device`. keep_train=False leaves x_train empty, for expert
-    training that streams the training split from a .beton (beton.py) instead."""
+    training that streams the training split from a .beton (beton.py) instead. `zca`: the
+    matrices fit_zca gave for this same config, so a sweep fits them once rather than per trial."""
     raw, spec, _ = read_raw(cfg)
     train_idx, val_idx = split_validation(raw.y_train, cfg.val_per_class, spec.num_classes, cfg.train_per_class)
 
     def tensor(x, on=device):  # (N, H, W, C) uint8 -> (N, C, H, W)
         return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(on)
 
+    fit = cfg.zca and zca is None
     # ZCA is fitted on the whole training split, so it is read even when it is not kept.
-    x_train = tensor(raw.x_train[train_idx], device if keep_train else "cpu") if keep_train or cfg.zca else None
-    zca = fit_zca(x_train) if cfg.zca else None
+    x_train = tensor(raw.x_train[train_idx], device if keep_train else "cpu") if keep_train or fit else None
+    zca = (fit_zca(x_train) if fit else zca) if cfg.zca else None
     if not keep_train:  # the labels stay: they are small, and say how many images the stream must hold
         x_train = torch.zeros(0, spec.channels, spec.size, spec.size, dtype=torch.uint8, device=device)
     return Dataset(

@@ -116,14 +116,21 @@ class TuneReporter(Reporter):
                      "loss": sum(recent) / len(recent) if recent else float("nan")})
 
 
-def run_trial(config: dict, base: dict, tracking_uri: str, parent_run_id: str, sweep_dir: str) -> None:
-    """One Tune trial: distill with the sampled hyperparameters; resumes its own checkpoint on restore."""
+def zca_for(trial_config: dict, zca: tuple | None) -> tuple | None:
+    """The driver's ZCA matrices, unless the trial varies the data they were fitted on."""
+    return None if any(key.startswith("data.") for key in trial_config) else zca
+
+
+def run_trial(config: dict, base: dict, tracking_uri: str, parent_run_id: str, sweep_dir: str,
+              zca: tuple | None = None) -> None:
+    """One Tune trial: distill with the sampled hyperparameters; resumes its own checkpoint on restore.
+    `zca`: the driver's ZCA matrices (a CIFAR-10 load takes 28.5 s with the fit, 1.4 s without, on the 2-core CPU)."""
     cfg = apply_overrides(config_from_dict(base), config, "search space").validate()
     trial_id = tune.get_context().get_trial_id()
     cfg.distill.out_dir = str(Path(sweep_dir) / "trials" / trial_id)
     out = Path(cfg.distill.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = load_dataset(cfg.data, resolve_device(cfg.device))
+    data = load_dataset(cfg.data, resolve_device(cfg.device), zca=zca_for(config, zca))
     client, experiment_id = open_experiment(tracking_uri, cfg.run_dir)
     run_file = out / "mlflow_run_id"  # a restored trial keeps logging into the same child run
     if run_file.is_file():
@@ -147,9 +154,10 @@ def expert_epochs_available(cfg: Config) -> int:
     return min(store.read_info(k)["shape"][0] for k in done) - 1
 
 
-def cross_architecture(cfg: Config, best_path: Path, models: list[str]) -> dict[str, dict[str, Score]]:
+def cross_architecture(cfg: Config, best_path: Path, models: list[str],
+                       zca: tuple | None = None) -> dict[str, dict[str, Score]]:
     device = resolve_device(cfg.device)
-    data = load_dataset(cfg.data, device)
+    data = load_dataset(cfg.data, device, zca=zca)
     saved = load_synthetic(best_path, device)
     spec = data.spec
     usable = []
@@ -197,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     sweep_dir = Path(cfg.run_dir) / "tune" / name
 
     user_space = parse_space(args.space, cfg)  # fail fast on bad input, before data, experts and Ray
-    load_dataset(cfg.data, "cpu")
+    zca = load_dataset(cfg.data, "cpu").preprocess.zca  # checks the data first; fits ZCA once for all trials
     if args.make_experts and not TrajectoryStore(cfg.expert_dir).completed():
         run_job(cfg, args.address)
     available = expert_epochs_available(cfg)
@@ -226,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=cfg.to_dict(), tracking_uri=tracking_uri, parent_run_id=parent_run_id,
-                             sweep_dir=str(sweep_dir)),
+                             sweep_dir=str(sweep_dir), zca=zca),
         {"cpu": args.cpus_per_trial, "gpu": gpus})
     storage = str(Path(cfg.run_dir) / "tune" / "ray")
     path = os.path.join(storage, name)
@@ -258,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"sweep {name!r} stopped with {unfinished} of {args.num_samples} trials unfinished; "
                         f"continue it with the same command plus --resume")
     close_trial_runs(grid, client, sweep_dir, cfg.distill.iterations)
-    finish(grid, cfg, args, client, parent_run_id, tracking_uri)
+    finish(grid, cfg, args, client, parent_run_id, tracking_uri, zca)
 
 
 def close_trial_runs(grid, client, sweep_dir: Path, iterations: int) -> None:
@@ -283,7 +291,7 @@ def _upper(domain) -> list:
     return [domain]
 
 
-def finish(grid, cfg: Config, args, client, parent_run_id: str, tracking_uri: str) -> None:
+def finish(grid, cfg: Config, args, client, parent_run_id: str, tracking_uri: str, zca: tuple | None) -> None:
     """Print the trials, score the best one across architectures, log it all to MLflow."""
     ok = [r for r in grid if r.error is None and r.metrics and "best_val_acc" in r.metrics]
     if not ok:
@@ -302,7 +310,8 @@ def finish(grid, cfg: Config, args, client, parent_run_id: str, tracking_uri: st
     best_cfg = apply_overrides(config_from_dict(cfg.to_dict()), {k: best.config[k] for k in best.config}, "best")
     trial_dir = Path(cfg.run_dir) / "tune" / (args.name or f"{cfg.data.dataset}_ipc{cfg.distill.ipc}") / "trials" \
         / best.metrics["trial_id"]
-    scores = cross_architecture(best_cfg, trial_dir / "best.pt", [m for m in args.eval_models.split(",") if m])
+    scores = cross_architecture(best_cfg, trial_dir / "best.pt", [m for m in args.eval_models.split(",") if m],
+                                zca_for(best.config, zca))
     print(f"\nbest trial {best.metrics['trial_id']}: val acc {100 * best.metrics['best_val_acc']:.1f} %, "
           f"worst {100 * ok[-1].metrics['best_val_acc']:.1f} %; test accuracy over {cfg.eval.num_runs} networks:")
     print(format_table(scores))

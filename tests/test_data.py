@@ -149,3 +149,15 @@ def test_zca_whitens_and_inverts(digits):
     assert mean_abs_correlation(white) < 0.75 * mean_abs_correlation(plain)
     full = Preprocess((0.0,), (1.0,), fit_zca(digits.x_train, eps=1e-5))(x)
     assert mean_abs_correlation(full) < 0.2 * mean_abs_correlation(plain)
+
+
+def test_given_zca_matrices_are_used_instead_of_refitting():
+    """A sweep fits ZCA once and hands the matrices to every trial."""
+    cfg = DataConfig(dataset="digits", zca=True)
+    fitted = load_dataset(cfg)
+    mean, transform, inverse = fitted.preprocess.zca
+    assert torch.equal(load_dataset(cfg, zca=(mean, transform, inverse)).preprocess.zca[1], transform)
+    identity = (torch.zeros_like(mean), torch.eye(len(mean)), torch.eye(len(mean)))
+    data = load_dataset(cfg, zca=identity)
+    assert torch.allclose(data.preprocess(data.x_test), data.x_test.float() / 255)  # used as given, not refitted
+    assert load_dataset(DataConfig(dataset="digits"), zca=identity).preprocess.zca is None  # zca off wins

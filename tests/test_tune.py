@@ -58,7 +58,8 @@ def check_store(client, expected_children):
 
 
 def test_sweep_tracks_parent_children_metrics_images_tensors_and_table(tmp_path):
-    result = sweep(tmp_path, "--num-samples", "2", "--make-experts")
+    # ZCA on: the driver fits it once and the trials and the final scoring receive it.
+    result = sweep(tmp_path, "--num-samples", "2", "--make-experts", "--data.zca", "true")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "best trial" in result.stdout and "skipping vgg11" in result.stdout
     check_store(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"), 2)
