@@ -1,6 +1,8 @@
 """ray_mtt: dataset distillation by Matching Training Trajectories.
 
-The algorithm (config, data, augment, models, experts, trajectories, distill, evaluate) is pure
-PyTorch + kornia; Ray and MLflow live only in the orchestration modules on top of it.
+Three layers, imports pointing one way (a test parses every file to keep it so):
+  cli/    every command's main: argparse, printing, engine choice, one-line errors
+  scale/  the only code that imports ray, mlflow or optuna: Ray Train experts, Ray Tune sweeps, MLflow
+  core/   the algorithm in pure PyTorch (+ kornia; pyarrow and ffcv optional): runs on a bare GPU box
 """
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-from .errors import run_cli
-from .pipeline import main
+"""`python -m ray_mtt`: the whole job (ray_mtt/cli/main.py)."""
+from .cli import run_command
 
-run_cli(main)
+run_command("run")

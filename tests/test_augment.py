@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from ray_mtt.augment import DSA, OPS, AugParams, apply
-from ray_mtt.errors import UserError
+from ray_mtt.core.augment import DSA, OPS, AugParams, apply
+from ray_mtt.core.errors import UserError
 
 
 @pytest.mark.parametrize("op", OPS)

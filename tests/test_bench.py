@@ -1,7 +1,7 @@
 """The distillation benchmark measures, and logs to MLflow when asked."""
 import pytest
 
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 mlflow = pytest.importorskip("mlflow")
 

@@ -6,17 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from ray_mtt.config import Config
-from ray_mtt.data import load_dataset
-from ray_mtt.errors import UserError
-from tests.conftest import REPO, needs_ffcv, run_cli, tiny_config
-from tests.test_data import _jpeg
+from ray_mtt.core.config import Config
+from ray_mtt.core.data import load_dataset
+from ray_mtt.core.errors import UserError
+from tests.helpers import REPO, needs_ffcv, run_cli, tiny_config, write_jpeg
 
 pytestmark = needs_ffcv
 
 
 def streamer(cfg: Config, data):
-    from ray_mtt.beton import BetonBatches, ensure_beton
+    from ray_mtt.core.beton import BetonBatches, ensure_beton
     spec = data.spec
     return BetonBatches(ensure_beton(cfg), 64, torch.device("cpu"), len(data.y_train),
                         (spec.size, spec.size, spec.channels), workers=2)
@@ -51,8 +50,8 @@ def tiny_imagenet(root, per_class=3):
     colour = {w: (i % 7 * 36, i % 5 * 50, i % 3 * 100) for i, w in enumerate(wnids)}
     for w in wnids[:2]:
         for k in range(per_class):
-            _jpeg(root / "train" / w / "images" / f"{w}_{k}.JPEG", colour[w])
-    _jpeg(root / "val" / "images" / "val_0.JPEG", colour[wnids[0]])
+            write_jpeg(root / "train" / w / "images" / f"{w}_{k}.JPEG", colour[w])
+    write_jpeg(root / "val" / "images" / "val_0.JPEG", colour[wnids[0]])
     (root / "val" / "val_annotations.txt").write_text(f"val_0.JPEG\t{wnids[0]}\t0\t0\t1\t1")
     return root
 
@@ -73,14 +72,14 @@ def test_unreadable_image_fails_the_write_and_leaves_no_file(tmp_path):
     (root / "train" / "n01" / "images" / "n01_1.JPEG").write_bytes(b"not a jpeg")
     cfg = tiny_config(tmp_path, data={"dataset": "tiny_imagenet", "data_dir": str(tmp_path), "val_per_class": 0,
                                       "loader": "ffcv"})
-    from ray_mtt.beton import beton_file, write_beton
+    from ray_mtt.core.beton import beton_file, write_beton
     with pytest.raises(UserError, match="n01_1.JPEG"):
         write_beton(cfg)
     assert not beton_file(cfg).parent.exists() or not list(beton_file(cfg).parent.iterdir())
 
 
 def test_jpg_needs_rgb(tmp_path):
-    from ray_mtt.beton import write_beton
+    from ray_mtt.core.beton import write_beton
     with pytest.raises(UserError, match="jpg needs RGB"):
         write_beton(tiny_config(tmp_path, data={"loader": "ffcv", "beton_format": "jpg"}))
 
@@ -92,14 +91,14 @@ def test_damaged_or_foreign_beton_is_a_one_line_error(tmp_path):
     args = ["ray_mtt.experts", "--engine", "local", *data_args, "--model.width", "16", "--num-experts", "1",
             "--epochs", "1"]
     assert run_cli("ray_mtt.beton", *data_args).returncode == 0
-    from ray_mtt.beton import beton_file
+    from ray_mtt.core.beton import beton_file
     path = beton_file(cfg)
     path.write_bytes(path.read_bytes()[:100])
     out = run_cli(*args)
     assert out.returncode == 2 and "not a readable .beton" in out.stderr and "Traceback" not in out.stderr
     # A file written for other data: 20 images per class where 30 are asked for.
     small = tiny_config(tmp_path, data={"loader": "ffcv", "train_per_class": 20})
-    from ray_mtt.beton import write_beton
+    from ray_mtt.core.beton import write_beton
     write_beton(small).replace(path)
     out = run_cli(*args)
     assert out.returncode == 2 and "holds 200 images" in out.stderr and "expected 300" in out.stderr
@@ -107,7 +106,7 @@ def test_damaged_or_foreign_beton_is_a_one_line_error(tmp_path):
 
 def test_missing_ffcv_names_the_extra(tmp_path):
     code = ("import sys; sys.modules['ffcv'] = None\n"  # what an environment without the extra sees
-            "from ray_mtt.errors import run_cli; from ray_mtt.experts import main\n"
+            "from ray_mtt.core.errors import run_cli; from ray_mtt.core.experts import main\n"
             f"run_cli(main, ['--engine', 'local', '--run_dir', {str(tmp_path)!r}, '--data.loader', 'ffcv'])")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "pip install 'ray_mtt[ffcv]'" in out.stderr and "Traceback" not in out.stderr
@@ -116,6 +115,6 @@ def test_missing_ffcv_names_the_extra(tmp_path):
 def test_ffcv_import_keeps_torchs_thread_count():
     """ffcv sets torch to 1 thread when imported: on a CPU that would halve expert training."""
     code = ("import torch; torch.set_num_threads(2)\n"
-            "from ray_mtt.beton import require_ffcv; require_ffcv(); print(torch.get_num_threads())")
+            "from ray_mtt.core.beton import require_ffcv; require_ffcv(); print(torch.get_num_threads())")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["2"], out.stderr

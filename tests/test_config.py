@@ -2,8 +2,9 @@ import argparse
 
 import pytest
 
-from ray_mtt.config import CONFIG_DIR, Config, add_config_args, apply_overrides, config_from_args, load_yaml
-from ray_mtt.errors import UserError
+from ray_mtt.cli.common import add_config_args, config_from_args
+from ray_mtt.core.config import CONFIG_DIR, Config, apply_overrides, load_yaml
+from ray_mtt.core.errors import UserError
 
 
 def parse(*argv):

@@ -1,29 +1,12 @@
-import pickle
-
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from ray_mtt.config import DataConfig
-from ray_mtt.data import IMAGENET_SUBSETS, Preprocess, fit_zca, load_dataset, split_validation
-from ray_mtt.errors import UserError
-
-
-def write_cifar10(root, n_per_batch=20):
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    batches = {}
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        images = rng.integers(0, 256, (n_per_batch, 3, 32, 32), dtype=np.uint8)
-        labels = [i % 10 for i in range(n_per_batch)]
-        batches[name] = (images, labels)
-        with open(folder / name, "wb") as f:
-            pickle.dump({b"data": images.reshape(n_per_batch, -1), b"labels": labels}, f)
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, f)
-    return batches
+from ray_mtt.core.config import DataConfig
+from ray_mtt.core.data import Preprocess, fit_zca, load_dataset, split_validation
+from ray_mtt.core.datasets import IMAGENET_SUBSETS
+from ray_mtt.core.errors import UserError
+from tests.helpers import write_cifar10, write_jpeg
 
 
 def test_cifar10_python_batches_are_read_with_planes_in_order(tmp_path):
@@ -44,11 +27,6 @@ def test_truncated_cifar_batch_is_a_clear_error(tmp_path):
         load_dataset(DataConfig(dataset="cifar10", data_dir=str(tmp_path)))
 
 
-def _jpeg(path, color):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (80, 64), color).save(path)
-
-
 def test_tiny_imagenet_reads_val_labels_from_annotations(tmp_path):
     root = tmp_path / "tiny-imagenet-200"
     wnids = ["n02", "n01", "n03"]  # class index = sorted order
@@ -57,13 +35,13 @@ def test_tiny_imagenet_reads_val_labels_from_annotations(tmp_path):
     (root / "words.txt").write_text("n01\tgoldfish\nn02\tshark\nn03\tray\n")
     for i, w in enumerate(sorted(wnids)):
         for k in range(2):
-            _jpeg(root / "train" / w / "images" / f"{w}_{k}.JPEG", (80 * i, 0, 0))
+            write_jpeg(root / "train" / w / "images" / f"{w}_{k}.JPEG", (80 * i, 0, 0))
     lines = []
     for k, w in enumerate(["n03", "n01", "n02", "n03"]):
-        _jpeg(root / "val" / "images" / f"val_{k}.JPEG", (0, 0, 0))
+        write_jpeg(root / "val" / "images" / f"val_{k}.JPEG", (0, 0, 0))
         lines.append(f"val_{k}.JPEG\t{w}\t0\t0\t10\t10")
     (root / "val" / "val_annotations.txt").write_text("\n".join(lines))
-    from ray_mtt import data as data_module
+    from ray_mtt.core import datasets as data_module
     spec = data_module.DATASETS["tiny_imagenet"]
     raw = spec.read(tmp_path, False, spec)
     assert raw.y_test.tolist() == [2, 0, 1, 2]  # not all one class
@@ -79,13 +57,52 @@ def test_imagenet_subset_picks_classes_by_imagenet_index(tmp_path):
             (tmp_path / split / w).mkdir(parents=True)
     chosen = IMAGENET_SUBSETS["imagenette"]
     for label, idx in enumerate(chosen[:2]):
-        _jpeg(tmp_path / "train" / wnids[idx] / "a.JPEG", (label * 100, 0, 0))
-        _jpeg(tmp_path / "val" / wnids[idx] / "b.JPEG", (label * 100, 0, 0))
-    from ray_mtt import data as data_module
+        write_jpeg(tmp_path / "train" / wnids[idx] / "a.JPEG", (label * 100, 0, 0))
+        write_jpeg(tmp_path / "val" / wnids[idx] / "b.JPEG", (label * 100, 0, 0))
+    from ray_mtt.core import datasets as data_module
     spec = data_module.DATASETS["imagenette"]
     raw = spec.read(tmp_path, False, spec)
     assert raw.x_train.shape == (2, 128, 128, 3) and raw.y_train.tolist() == [0, 1]
     assert raw.classes[1] == wnids[217]
+
+
+def test_wide_images_are_squashed_to_a_square_as_the_authors_do(tmp_path):
+    """Their Resize((128, 128)) keeps the whole image (aspect ratio squashed); a short-side resize plus
+    center crop would cut the 8 green columns at the left edge of this 80x64 image."""
+    from PIL import Image
+
+    from ray_mtt.core.datasets import ImageFiles
+    image = Image.new("RGB", (80, 64), (255, 0, 0))
+    image.paste((0, 255, 0), (0, 0, 8, 64))
+    image.save(tmp_path / "wide.png")
+    pixels = ImageFiles([tmp_path / "wide.png"], 128)[0]
+    assert pixels.shape == (128, 128, 3)
+    assert tuple(pixels[64, 4]) == (0, 255, 0) and tuple(pixels[64, 100]) == (255, 0, 0)
+
+
+def test_image_folder_of_the_users_own(tmp_path):
+    colours = {"cat": (200, 0, 0), "dog": (0, 200, 0), "eel": (0, 0, 200)}
+    for name, colour in colours.items():
+        for k in range(10):
+            write_jpeg(tmp_path / "mine" / name / f"{k}.jpg", colour, size=(40 + k, 30))
+    data = load_dataset(DataConfig(dataset="folder", data_dir=str(tmp_path / "mine"), image_size=16,
+                                   val_per_class=1, test_fraction=0.2))
+    assert data.classes == ["cat", "dog", "eel"] and data.spec.size == 16 and data.num_classes == 3
+    assert (len(data.x_train), len(data.x_val), len(data.x_test)) == (21, 3, 6)  # 2 test, 1 val, 7 train per class
+    assert data.x_test.shape[1:] == (3, 16, 16)
+    for label in range(3):  # each image carries its class's colour (JPEG: within a few levels)
+        channel = data.x_train[data.y_train == label].float().mean(dim=(0, 2, 3))
+        assert int(channel.argmax()) == label
+    # train/ and test/ given: used as they are.
+    for split, n in (("train", 4), ("test", 2)):
+        for name, colour in colours.items():
+            for k in range(n):
+                write_jpeg(tmp_path / "split" / split / name / f"{k}.png", colour)
+    data = load_dataset(DataConfig(dataset="folder", data_dir=str(tmp_path / "split"), image_size=8, val_per_class=1))
+    assert (len(data.x_train), len(data.x_val), len(data.x_test)) == (9, 3, 6)
+    (tmp_path / "split" / "train" / "fox").mkdir()
+    with pytest.raises(UserError, match="fox holds no images"):
+        load_dataset(DataConfig(dataset="folder", data_dir=str(tmp_path / "split")))
 
 
 def test_imagenet_subset_needs_the_full_class_list(tmp_path):
@@ -105,6 +122,16 @@ def test_npz_format_and_shape_errors(tmp_path):
     np.savez(tmp_path / "mnist.npz", x_train=x[..., 0], y_train=y, x_test=x[:10], y_test=y[:10])
     with pytest.raises(UserError, match=r"x_train is uint8 \(40, 28, 28\), expected uint8 \(N, 28, 28, 1\)"):
         load_dataset(DataConfig(dataset="mnist", data_dir=str(tmp_path)))
+
+
+def test_truncated_npz_is_a_one_line_error_naming_the_file(tmp_path):
+    x = np.random.default_rng(0).integers(0, 256, (200, 32, 32, 3), dtype=np.uint8)
+    np.savez_compressed(tmp_path / "cifar10.npz", x_train=x, y_train=np.arange(200) % 10, x_test=x,
+                        y_test=np.arange(200) % 10, classes=np.array([str(i) for i in range(10)]))
+    whole = (tmp_path / "cifar10.npz").read_bytes()
+    (tmp_path / "cifar10.npz").write_bytes(whole[:5000])  # as a broken download leaves it
+    with pytest.raises(UserError, match=r"cannot read .*cifar10.npz .*truncated or damaged, replace it"):
+        load_dataset(DataConfig(dataset="cifar10", data_dir=str(tmp_path)))
 
 
 def test_missing_and_unknown(tmp_path):

@@ -1,17 +1,19 @@
 import pytest
 import torch
 
-from ray_mtt.augment import DSA
-from ray_mtt.distill import (Reporter, SyntheticSet, distill, matching_grad_checkpointed, matching_grad_unrolled,
-                             sample_plan)
-from ray_mtt.experts import train_experts
-from ray_mtt.models import FlatModel, build_model
-from tests.conftest import tiny_config
+from ray_mtt.core.augment import DSA
+from ray_mtt.core.distill import (Reporter, SyntheticSet, distill, init_synthetic, matching_grad_checkpointed,
+                                  matching_grad_unrolled, sample_plan)
+from ray_mtt.core.evaluate import score
+from ray_mtt.core.experts import train_experts
+from ray_mtt.core.models import FlatModel, create_model
+from ray_mtt.core.seeds import generator
+from tests.helpers import tiny_config
 
 
 def tiny_problem(steps=4, batch=4):
     torch.manual_seed(0)
-    student = FlatModel(build_model("convnet", 3, 4, 8, width=6, depth=1).double())
+    student = FlatModel(create_model("convnet", 3, 4, 8, width=6, depth=1).double())
     start = student.flatten()
     target = start + 0.05 * torch.randn_like(start)
     images = torch.randn(8, 3, 8, 8, dtype=torch.float64)
@@ -53,11 +55,16 @@ def test_checkpointed_gradient_equals_unrolled(steps, batch):
     assert float(glr_c) == pytest.approx(float(glr_u), rel=1e-9)
 
 
-def test_plan_covers_each_image_once_per_pass():
+def test_plan_covers_each_image_once_per_pass_remainder_chunk_first():
+    # The authors pop chunks from the end of the permutation's chunk list: the remainder goes first.
+    torch.manual_seed(0)
     plan = sample_plan(10, 4, 4, DSA("none"), 8, "cpu")
-    first_pass = torch.cat([idx for idx, _ in plan[:3]])  # chunks of 4, 4, 2
+    first_pass = torch.cat([idx for idx, _ in plan[:3]])  # chunks of 2, 4, 4
     assert sorted(first_pass.tolist()) == list(range(10))
-    assert [len(idx) for idx, _ in plan] == [4, 4, 2, 4]
+    assert [len(idx) for idx, _ in plan] == [2, 4, 4, 2]
+    torch.manual_seed(0)
+    chunks = torch.randperm(10).split(4)
+    assert torch.equal(plan[0][0], chunks[-1]) and torch.equal(plan[1][0], chunks[-2])
 
 
 def test_distill_resumes_to_the_same_result_as_an_uninterrupted_run(tmp_path, digits):
@@ -87,11 +94,37 @@ def test_distill_resumes_to_the_same_result_as_an_uninterrupted_run(tmp_path, di
     assert [(it, shape) for it, _, shape in recorder.evaluations] == [(6, (10, 1, 8, 8))]
     resumed_images = torch.load(cfg.distill_dir / "checkpoint.pt")["images"]
     assert torch.equal(resumed_images, straight_images)
-    assert not torch.equal(resumed_images, digits.preprocess(digits.random_real(1, torch.Generator().manual_seed(0))[0]))
-    assert 0 <= straight["val_acc"] <= 1
+    assert straight["best_iteration"] in (0, 6)  # the validations it ran: at 0 and at the end
 
 
-def test_checkpointed_mode_runs_the_loop(tmp_path, digits):
-    cfg = tiny_config(tmp_path, distill={"iterations": 2, "eval_every": 0, "grad_mode": "checkpointed"})
+def test_distilled_set_beats_the_real_images_it_started_from(tmp_path, digits):
+    """The point of it all, on a problem small enough for a unit test (~10 s): 40 iterations move
+    ten real digits (one per class) to a set that trains better networks (measured: 88-90 % vs
+    62-79 % over seeds 0-2)."""
+    cfg = tiny_config(tmp_path, experts={"num_experts": 2, "epochs": 6},
+                      distill={"syn_steps": 10, "expert_epochs": 2, "max_start_epoch": 3, "iterations": 40,
+                               "eval_every": 0, "lr_img": 100, "lr_lr": 1e-7},
+                      eval={"epochs": 100, "num_runs": 3})
     train_experts(cfg, digits, progress=False)
-    assert distill(cfg, digits, progress=False)["best"].is_file()
+    distill(cfg, digits, progress=False)
+    final = torch.load(cfg.distill_dir / "checkpoint.pt")
+    start = init_synthetic(cfg, digits, generator(cfg.seed, "distill_init"))
+    distilled = score(final["images"], final["labels"], float(final["lr"]), cfg, digits, split="val")["convnet"]
+    real = score(start.images.detach(), start.labels, cfg.distill.lr_teacher, cfg, digits, split="val")["convnet"]
+    assert torch.equal(start.labels, final["labels"])
+    assert distilled.mean > real.mean + 0.05, (distilled, real)
+
+
+def test_checkpointed_loop_moves_the_set_as_the_unrolled_one_does(tmp_path, digits):
+    cfg = tiny_config(tmp_path, distill={"iterations": 3, "eval_every": 0})
+    train_experts(cfg, digits, progress=False)
+    runs = {}
+    for mode in ("unrolled", "checkpointed"):
+        cfg.distill.grad_mode, cfg.distill.out_dir = mode, str(tmp_path / mode)
+        distill(cfg, digits, progress=False)
+        runs[mode] = torch.load(tmp_path / mode / "checkpoint.pt")
+    start = init_synthetic(cfg, digits, generator(cfg.seed, "distill_init")).images.detach()
+    moved = runs["unrolled"]["images"] - start
+    assert moved.abs().max() > 1e-3  # the set did move ...
+    assert torch.allclose(runs["checkpointed"]["images"] - start, moved, rtol=1e-3, atol=1e-5)  # ... the same way
+    assert float(runs["checkpointed"]["lr"]) == pytest.approx(float(runs["unrolled"]["lr"]), rel=1e-5)

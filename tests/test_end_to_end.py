@@ -3,9 +3,10 @@ import json
 
 import pytest
 
-from tests.conftest import SHARED_DATA, run_cli
+from tests.helpers import SHARED_DATA, run_cli
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_DATA / "mnist.npz").is_file(), reason=f"no mnist.npz in {SHARED_DATA}")
 def test_pipeline_on_real_mnist(tmp_path):
     result = run_cli("ray_mtt", "--dataset", "mnist", "--data-dir", str(SHARED_DATA), "--run_dir", str(tmp_path),

@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ray_mtt.experts import open_store_for_training, train_expert, train_experts
-from tests.conftest import needs_ffcv, tiny_config
+from ray_mtt.core.experts import open_store_for_training, train_expert, train_experts
+from tests.helpers import needs_ffcv, tiny_config
 
 
 class Killed(Exception):

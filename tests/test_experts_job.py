@@ -13,9 +13,11 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # before ray starts; Ray 2.6
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from ray_mtt.experts_job import run_job  # noqa: E402
-from ray_mtt.trajectories import TrajectoryStore  # noqa: E402
-from tests.conftest import REPO, needs_ffcv, tiny_config  # noqa: E402
+from ray_mtt.scale.experts_job import run_job  # noqa: E402
+from ray_mtt.core.trajectories import TrajectoryStore  # noqa: E402
+from tests.helpers import REPO, needs_ffcv, tiny_config  # noqa: E402
+
+pytestmark = pytest.mark.slow  # a 3-node Ray cluster and Ray Train jobs: minutes
 
 EXPERTS, EPOCHS = 4, 4
 
@@ -95,7 +97,7 @@ def test_workers_train_experts_concurrently_and_survive_a_killed_worker(cluster,
 
 @needs_ffcv
 def test_workers_stream_experts_from_a_beton(cluster, tmp_path):
-    from ray_mtt.beton import beton_file
+    from ray_mtt.core.beton import beton_file
     cfg = job_config(tmp_path)
     cfg.data.loader = "ffcv"
     run_job(cfg, cluster.address, workers=2, max_failures=0)

@@ -1,16 +1,105 @@
-"""The algorithm layer must run on a box with only torch: importing it never loads ray or mlflow."""
-import subprocess
-import sys
+"""The layers, checked by path: ray_mtt/core never imports ray, mlflow, optuna or the layers above
+it, scale never imports cli, and no module imports itself back through others. Imports are read
+from the source (AST) at any depth, inside functions too, so a lazy import cannot hide."""
+import ast
+from pathlib import Path
 
-from tests.conftest import REPO
+import pytest
 
-CORE = ["config", "data", "augment", "models", "train", "trajectories", "experts", "distill", "evaluate",
-        "pipeline", "bench"]
+PACKAGE = Path(__file__).resolve().parents[1] / "ray_mtt"
+ORCHESTRATION = {"ray", "mlflow", "optuna"}
 
 
-def test_core_modules_import_neither_ray_nor_mlflow():
-    code = ("import sys\n" + "".join(f"import ray_mtt.{m}\n" for m in CORE) +
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'mlflow'))\n"
+def module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path, root: Path) -> set[str]:
+    """Absolute names of every module `path` imports, relative imports resolved."""
+    name = module_name(path, root)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            found.add(module)
+            found.update(f"{module}.{alias.name}" for alias in node.names)  # `from . import x` names a module
+    return found
+
+
+def import_graph(root: Path) -> dict[str, set[str]]:
+    modules = {module_name(p, root): p for p in root.rglob("*.py")}
+    return {m: {i for i in imports_of(p, root) if i in modules and i != m} for m, p in modules.items()}
+
+
+def violations(root: Path) -> list[str]:
+    """Imports that break the layering rule, as 'module imports name' lines."""
+    bad = []
+    for path in sorted(root.rglob("*.py")):
+        name = module_name(path, root)
+        for imported in sorted(imports_of(path, root)):
+            top = imported.split(".")[0]
+            upward = top == "ray_mtt" and not imported.startswith("ray_mtt.core")
+            if name.startswith("ray_mtt.core") and (top in ORCHESTRATION or upward):
+                bad.append(f"{name} imports {imported}")
+            if name.startswith("ray_mtt.scale") and imported.startswith("ray_mtt.cli"):
+                bad.append(f"{name} imports {imported}")
+    return bad
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every import cycle found by depth-first search (each reported once, from its first module)."""
+    found, state = [], {}
+
+    def visit(m, stack):
+        state[m] = "open"
+        for n in sorted(graph[m]):
+            if state.get(n) == "open":
+                found.append(stack[stack.index(n):] + [n])
+            elif n not in state:
+                visit(n, stack + [n])
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    return found
+
+
+def test_core_imports_neither_orchestration_nor_the_layers_above():
+    assert violations(PACKAGE) == []
+
+
+def test_no_import_cycles():
+    assert cycles(import_graph(PACKAGE)) == []
+
+
+def test_the_checks_catch_a_lazy_import_and_a_cycle(tmp_path):
+    root = tmp_path / "ray_mtt"
+    (root / "core").mkdir(parents=True)
+    (root / "scale").mkdir()
+    for folder in (root, root / "core", root / "scale"):
+        (folder / "__init__.py").write_text("")
+    (root / "core" / "distill.py").write_text("def main():\n    from ..scale import tracking\n")
+    (root / "scale" / "tracking.py").write_text("import mlflow\nfrom ..core.distill import main\n")
+    (root / "core" / "data.py").write_text("def f():\n    import ray\n")
+    assert violations(root) == ["ray_mtt.core.data imports ray", "ray_mtt.core.distill imports ray_mtt.scale",
+                                "ray_mtt.core.distill imports ray_mtt.scale.tracking"]
+    assert cycles(import_graph(root)) == [["ray_mtt.core.distill", "ray_mtt.scale.tracking", "ray_mtt.core.distill"]]
+
+
+@pytest.mark.parametrize("module", ["ray_mtt.core.distill", "ray_mtt.core.bench", "ray_mtt.cli.bench",
+                                    "ray_mtt.cli.evaluate"])
+def test_torch_only_modules_load_without_ray_or_mlflow(module):
+    """At run time too: what a bare GPU box runs never loads them (checked in a fresh interpreter)."""
+    import subprocess
+    import sys
+    code = (f"import sys, {module}\nbad = sorted(m for m in sys.modules if m.split('.')[0] in {sorted(ORCHESTRATION)})\n"
             "print(bad)\nsys.exit(1 if bad else 0)\n")
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], cwd=PACKAGE.parent, capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr

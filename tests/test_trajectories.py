@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from ray_mtt.errors import UserError
-from ray_mtt.trajectories import TrajectoryStore
+from ray_mtt.core.errors import UserError
+from ray_mtt.core.trajectories import TrajectoryStore
 
 META = {"dataset": "digits", "model": "convnet", "width": 16, "depth": 1, "zca": False, "val_per_class": 10,
         "num_params": 5}

@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import REPO, run_cli
+from tests.helpers import REPO, run_cli
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402
@@ -57,6 +57,7 @@ def check_store(client, expected_children):
     assert parent.data.metrics["best_val_acc"] >= parent.data.metrics["worst_val_acc"]
 
 
+@pytest.mark.slow
 def test_sweep_tracks_parent_children_metrics_images_tensors_and_table(tmp_path):
     # ZCA on: the driver fits it once and the trials and the final scoring receive it.
     result = sweep(tmp_path, "--num-samples", "2", "--make-experts", "--data.zca", "true")
@@ -71,6 +72,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_sweep_logs_to_a_real_mlflow_server(tmp_path):
     port = _free_port()
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
@@ -96,6 +98,7 @@ def test_sweep_logs_to_a_real_mlflow_server(tmp_path):
         server.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_interrupted_sweep_resumes_without_losing_finished_trials(tmp_path):
     args = [sys.executable, "-m", "ray_mtt.tune", "--run_dir", str(tmp_path), *TINY, "--num-samples", "3",
             "--make-experts", "--no-asha"]

@@ -16,12 +16,12 @@ import numpy as np
 import torch
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
-from torchvision.utils import make_grid
 
-from .config import Config
-from .data import Preprocess
-from .distill import Reporter
-from .evaluate import Score
+from ..core.config import Config
+from ..core.data import Preprocess
+from ..core.distill import Reporter
+from ..core.evaluate import Score
+from ..core.export import image_grid as grid_of_pixels
 
 EXPERIMENT = "ray_mtt"
 PARENT_TAG = "mlflow.parentRunId"
@@ -56,6 +56,14 @@ def flat_config(cfg: Config) -> dict[str, str]:
     return flat
 
 
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    """One batch of metrics stamped now (MLflow caps a batch at 1000 metrics)."""
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    for start in range(0, len(items), 1000):
+        client.log_batch(run_id, metrics=items[start:start + 1000])
+
+
 def start_run(client: MlflowClient, experiment_id: str, name: str, params: dict[str, str],
               parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> str:
     all_tags = {**(tags or {}), **({PARENT_TAG: parent_run_id} if parent_run_id else {})}
@@ -68,12 +76,7 @@ def start_run(client: MlflowClient, experiment_id: str, name: str, params: dict[
 
 def image_grid(images: torch.Tensor, preprocess: Preprocess, ipc: int) -> np.ndarray:
     """Synthetic images (network-input space) -> uint8 HxWxC grid, one column per class."""
-    pixels = preprocess.inverse(images.detach().to(preprocess.mean.device).float()).cpu()
-    num_classes = len(pixels) // ipc
-    # Images are stored class by class; lay them out as rows of IPC with one class per column.
-    order = torch.arange(len(pixels)).view(num_classes, ipc).T.reshape(-1)
-    grid = make_grid(pixels[order], nrow=num_classes, padding=1, pad_value=1.0)
-    return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return grid_of_pixels(preprocess.inverse(images.detach().to(preprocess.mean.device).float()).cpu(), ipc)
 
 
 class MlflowReporter(Reporter):
@@ -82,15 +85,11 @@ class MlflowReporter(Reporter):
     def __init__(self, client: MlflowClient, run_id: str, preprocess: Preprocess, ipc: int):
         self.client, self.run_id, self.preprocess, self.ipc = client, run_id, preprocess, ipc
 
-    def _log(self, iteration: int, metrics: dict[str, float]) -> None:
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, iteration) for k, v in metrics.items()])
-
     def step(self, iteration: int, metrics: dict[str, float]) -> None:
-        self._log(iteration, metrics)
+        log_metrics(self.client, self.run_id, metrics, iteration)
 
     def evaluation(self, iteration: int, metrics: dict[str, float], synthetic: dict) -> None:
-        self._log(iteration, metrics)
+        log_metrics(self.client, self.run_id, metrics, iteration)
         grid = image_grid(synthetic["images"], self.preprocess, self.ipc)
         self.client.log_image(self.run_id, grid, artifact_file=f"synthetic/iter_{iteration:06d}.png")
         if metrics["val_acc"] >= metrics["best_val_acc"]:
@@ -107,8 +106,7 @@ def log_result(client: MlflowClient, run_id: str, scores: dict[str, dict[str, Sc
     rows = [(set_name, s) for set_name, by_model in scores.items() for s in by_model.values()]
     if rows:
         _log_scores(client, run_id, rows)
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in summary.items()])
+    log_metrics(client, run_id, summary)
 
 
 def _log_scores(client: MlflowClient, run_id: str, rows: list[tuple[str, Score]]) -> None:
@@ -120,8 +118,7 @@ def _log_scores(client: MlflowClient, run_id: str, rows: list[tuple[str, Score]]
     for set_name, s in rows:
         metrics[f"test_acc/{set_name}/{s.model}".replace(" ", "_")] = s.mean
         metrics[f"test_acc_std/{set_name}/{s.model}".replace(" ", "_")] = s.std
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    log_metrics(client, run_id, metrics)
     lines = ["| set | model | test accuracy |", "|---|---|---|"]
     lines += [f"| {name} | {s.model} | {s} over {len(s.accs)} runs |" for name, s in rows]
     client.set_tag(run_id, NOTE_TAG, "\n".join(lines))
@@ -132,17 +129,17 @@ def log_bench(tracking_uri: str, run_dir: str | Path, raw: dict, settings: dict[
     client, experiment_id = open_experiment(tracking_uri, run_dir)
     run_id = start_run(client, experiment_id, f"bench {raw['device']}",
                        {**settings, "device": raw["device"], "torch": raw["torch"]}, tags={"ray_mtt.kind": "bench"})
-    now, metrics = int(time.time() * 1000), []
+    metrics = {}
     for config, times in raw["timing"].items():
         medians = {variant: float(np.median(t)) for variant, t in times.items()}
         baseline = next(iter(medians.values()))
         for variant, median in medians.items():
-            metrics.append(Metric(f"s_per_iter/{config}/{variant}", median, now, 0))
-            metrics.append(Metric(f"speedup/{config}/{variant}", baseline / median, now, 0))
+            metrics[f"s_per_iter/{config}/{variant}"] = median
+            metrics[f"speedup/{config}/{variant}"] = baseline / median
+    log_metrics(client, run_id, metrics)
     for key, by_steps in raw["memory"].items():  # key: <config>/<variant>; one point per N
-        metrics += [Metric(f"peak_mib/{key}", float(mib), now, int(n)) for n, mib in by_steps.items()]
-    for start in range(0, len(metrics), 1000):  # MLflow caps a batch at 1000 metrics
-        client.log_batch(run_id, metrics=metrics[start:start + 1000])
+        for n, mib in by_steps.items():
+            log_metrics(client, run_id, {f"peak_mib/{key}": mib}, int(n))
     client.log_dict(run_id, raw, "bench.json")
     client.set_terminated(run_id)
     return run_id

@@ -24,11 +24,11 @@ import torch.distributed as dist
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from .config import Config, config_from_dict
-from .data import read_raw
-from .errors import UserError
-from .experts import epoch_batches, load_expert_data, open_store_for_training, train_expert
-from .trajectories import TrajectoryStore
+from ..core.config import Config, config_from_dict
+from ..core.data import read_raw
+from ..core.errors import UserError
+from ..core.experts import epoch_batches, load_expert_data, open_store_for_training, train_expert
+from ..core.trajectories import TrajectoryStore
 
 
 def check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
@@ -130,7 +130,7 @@ def run_job(cfg: Config, address: str | None = None, workers: int = 0, cpus_per_
     _, spec, _ = read_raw(cfg.data)  # bad dataset names, paths and files fail here, before Ray starts
     store = open_store_for_training(cfg, spec)
     if cfg.data.loader == "ffcv":
-        from .beton import ensure_beton
+        from ..core.beton import ensure_beton
         ensure_beton(cfg)  # written once here; workers on nodes that cannot see beton_dir write their own
     connect(address)
     todo = store.unfinished(cfg.experts.num_experts)

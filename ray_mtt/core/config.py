@@ -6,8 +6,9 @@ short forms of the most used ones.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import inspect
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,17 +18,19 @@ import yaml
 from .errors import UserError
 from .storage import is_uri
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # shipped inside the package
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "digits"
+    dataset: str = "digits"  # a registered name (cifar10, tiny_imagenet, folder, ...); see data.py
     data_dir: str = ""  # folder with <dataset>.npz or the official files; "" = built-in/default location
     download: bool = False  # fetch the official files into data_dir when missing (needs internet)
     zca: bool = False  # ZCA whitening instead of mean/std normalization (kornia, eps 0.1)
     val_per_class: int = 10  # real images per class held out from training, for checkpoint selection
     train_per_class: int = 0  # keep only the first k training images per class (quick runs); 0 = all
+    image_size: int = 32  # --dataset folder: images are resized to image_size x image_size
+    test_fraction: float = 0.2  # --dataset folder without train/ and test/: share of each class kept for testing
     # How expert training reads the training split: "tensor" keeps it as uint8 on the device (fast,
     # needs the memory); "ffcv" streams a .beton written once (beton.py; pip install 'ray_mtt[ffcv]').
     loader: str = "tensor"
@@ -38,9 +41,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "convnet"
-    width: int = 128
-    depth: int = 0  # ConvNet depth; 0 = by resolution (3 at 32 px, 4 at 64 px, 5 at 128 px)
+    name: str = "convnet"  # a registered architecture (models.py): convnet, resnet18, vgg11, alexnet, ...
+    width: int = 0  # conv channels of a ConvNet; 0 = the model's default (128); others take none
+    depth: int = 0  # ConvNet depth; 0 = by resolution (3 at 32 px, 4 at 64 px, 5 at 128 px); others take none
 
 
 @dataclass
@@ -51,24 +54,24 @@ class AugmentConfig:
 
 @dataclass
 class ExpertConfig:
-    num_experts: int = 4
+    num_experts: int = 4  # expert trajectories to train (the paper: 100)
     epochs: int = 10  # epochs per expert; only max_start_epoch + expert_epochs are ever used
-    lr: float = 0.01
-    batch_size: int = 256
-    momentum: float = 0.0
-    weight_decay: float = 0.0
+    lr: float = 0.01  # expert SGD step size (each value needs its own store)
+    batch_size: int = 256  # real images per expert SGD step
+    momentum: float = 0.0  # expert SGD momentum (the paper: 0; not part of a trajectory)
+    weight_decay: float = 0.0  # expert SGD weight decay (the paper: 0)
     dir: str = ""  # trajectory store, a path or URI (s3://...); "" = <run_dir>/<dataset>/experts_<model>[_zca]
 
 
 @dataclass
 class DistillConfig:
-    ipc: int = 1
+    ipc: int = 1  # synthetic images per class
     syn_steps: int = 20  # N: student steps on the synthetic set per iteration
     expert_epochs: int = 2  # M: target is M expert epochs after the start
     max_start_epoch: int = 5  # T+: start epoch drawn from {0, ..., T+ - 1}
-    iterations: int = 300
-    lr_img: float = 100.0
-    lr_lr: float = 1e-5
+    iterations: int = 300  # outer iterations (the paper: 5000)
+    lr_img: float = 100.0  # SGD step size (momentum 0.5) of the synthetic pixels
+    lr_lr: float = 1e-5  # SGD step size (momentum 0.5) of the learnable alpha
     lr_teacher: float = 0.01  # initial learnable student step size alpha
     batch_syn: int = 0  # synthetic minibatch per student step; 0 = the whole set
     init: str = "real"  # real | noise
@@ -81,12 +84,12 @@ class DistillConfig:
 
 @dataclass
 class EvalConfig:
-    models: list[str] = field(default_factory=lambda: ["convnet"])
-    num_runs: int = 5
-    epochs: int = 1000
-    batch_size: int = 256
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    models: list[str] = field(default_factory=lambda: ["convnet"])  # architectures trained on the final set
+    num_runs: int = 5  # fresh networks per architecture; the report is their mean +- std
+    epochs: int = 1000  # training epochs of each network; lr x0.1 at the half
+    batch_size: int = 256  # images per SGD step of an evaluation network
+    momentum: float = 0.9  # SGD momentum of an evaluation network
+    weight_decay: float = 5e-4  # SGD weight decay of an evaluation network
     lr_real: float = 0.01  # step size for the random-real baseline (it has no learned lr)
 
 
@@ -99,8 +102,8 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    seed: int = 0
-    run_dir: str = "runs"
+    seed: int = 0  # root of every random stream (seeds.py): experts, distillation, evaluation, DSA
+    run_dir: str = "runs"  # where outputs go: <run_dir>/<dataset>/..., the local MLflow store
 
     @property
     def expert_dir(self) -> str:
@@ -157,7 +160,9 @@ class Config:
             (not is_uri(self.data.beton_dir), "data.beton_dir must be a local or shared-filesystem path: FFCV "
              "memory-maps the file, it cannot read a URI"),
             (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
-            (self.model.width >= 1 and self.model.depth >= 0, "model.width must be >= 1 and model.depth >= 0"),
+            (self.data.image_size >= 8, f"data.image_size must be >= 8, got {self.data.image_size}"),
+            (0 < self.data.test_fraction < 1, f"data.test_fraction must lie in (0, 1), got {self.data.test_fraction}"),
+            (self.model.width >= 0 and self.model.depth >= 0, "model.width and model.depth must be >= 0 (0 = the model's default)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -166,14 +171,30 @@ class Config:
 
 
 SECTIONS = [f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.default_factory)]
-SHORT_FLAGS = {"--dataset": "data.dataset", "--ipc": "distill.ipc", "--data-dir": "data.data_dir"}
 
 
-def _field_types(cls) -> dict[str, type]:
+def field_types(cls) -> dict[str, type]:
     return typing.get_type_hints(cls)
 
 
-def _parse_value(text: str, kind, key: str):
+def field_help(cls) -> dict[str, str]:
+    """Each field's help text: its trailing comment, else the comment lines just above it.
+    The source is the single place a field is explained, so --help can never drift from it."""
+    helps, above = {}, []
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            above.append(stripped.lstrip("# "))
+            continue
+        name = re.match(r"(\w+)\s*:", stripped)
+        if name and name.group(1) in cls.__dataclass_fields__:
+            _, hash_, trailing = stripped.partition("  # ")
+            helps[name.group(1)] = trailing.strip() if hash_ else " ".join(above)
+        above = []
+    return helps
+
+
+def parse_value(text: str, kind, key: str):
     try:
         if kind is bool:
             lowered = str(text).lower()
@@ -194,19 +215,19 @@ def _parse_value(text: str, kind, key: str):
 
 def apply_overrides(cfg: Config, values: dict, source: str) -> Config:
     """Set `section.field` (or top-level field) values, rejecting unknown keys by name."""
-    top_types = _field_types(Config)
+    top_types = field_types(Config)
     for key, value in values.items():
         section, _, name = key.partition(".")
         if name:
             if section not in SECTIONS:
                 raise UserError(f"{source}: unknown config section {section!r}; known: {', '.join(SECTIONS)}")
             target = getattr(cfg, section)
-            types = _field_types(type(target))
+            types = field_types(type(target))
             if name not in types:
                 raise UserError(f"{source}: unknown key {key!r}; known in {section}: {', '.join(types)}")
-            setattr(target, name, _parse_value(value, types[name], key))
+            setattr(target, name, parse_value(value, types[name], key))
         elif key in top_types and key not in SECTIONS:
-            setattr(cfg, key, _parse_value(value, top_types[key], key))
+            setattr(cfg, key, parse_value(value, top_types[key], key))
         else:
             raise UserError(f"{source}: unknown config key {key!r}")
     return cfg
@@ -245,40 +266,3 @@ def load_yaml(path: str | Path) -> dict:
 
 def default_config_path(dataset: str, ipc: int) -> Path:
     return CONFIG_DIR / f"{dataset}_ipc{ipc}.yaml"
-
-
-def add_config_args(parser: argparse.ArgumentParser) -> None:
-    """Add --config, the short flags, and one `--section.field` flag per config field."""
-    parser.add_argument("--config", help="YAML config; default configs/<dataset>_ipc<ipc>.yaml when it exists")
-    parser.add_argument("--dataset", dest="data.dataset", default=argparse.SUPPRESS, help="short for --data.dataset")
-    parser.add_argument("--ipc", dest="distill.ipc", default=argparse.SUPPRESS, help="short for --distill.ipc")
-    parser.add_argument("--data-dir", dest="data.data_dir", default=argparse.SUPPRESS, help="short for --data.data_dir")
-    defaults = Config()
-    for section in SECTIONS:
-        group = parser.add_argument_group(section)
-        obj = getattr(defaults, section)
-        for name, kind in _field_types(type(obj)).items():
-            default = getattr(obj, name)
-            shown = ",".join(default) if isinstance(default, list) else default
-            group.add_argument(f"--{section}.{name}", dest=f"{section}.{name}", default=argparse.SUPPRESS,
-                               metavar=getattr(kind, "__name__", "LIST").upper(), help=f"default: {shown}")
-    top = parser.add_argument_group("run")
-    for name, kind in _field_types(Config).items():
-        if name not in SECTIONS:
-            top.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, help=f"default: {getattr(defaults, name)}")
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    """Defaults, then the YAML (explicit --config or the shipped one for dataset x IPC), then flags."""
-    cli = {k: v for k, v in vars(args).items() if "." in k or k in ("device", "seed", "run_dir")}
-    cfg = Config()
-    config_path = getattr(args, "config", None)
-    if config_path is None:
-        dataset = cli.get("data.dataset", cfg.data.dataset)
-        ipc = _parse_value(cli.get("distill.ipc", cfg.distill.ipc), int, "distill.ipc")
-        shipped = default_config_path(dataset, ipc)
-        config_path = shipped if shipped.is_file() else None
-    if config_path is not None:
-        apply_overrides(cfg, load_yaml(config_path), str(config_path))
-    apply_overrides(cfg, cli, "command line")
-    return cfg.validate()

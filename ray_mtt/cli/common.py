@@ -1,0 +1,181 @@
+"""What every command shares: one-line errors, config flags, MLflow tracking flags, engine choice."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import sys
+from typing import Callable
+
+from ..core.config import (SECTIONS, Config, field_types, parse_value, apply_overrides, default_config_path,
+                           field_help, load_yaml)
+from ..core.data import Dataset, load_dataset
+from ..core.distill import Reporter
+from ..core.errors import UserError
+from ..core.experts import load_expert_data, train_experts
+from ..core.train import resolve_device
+from ..core.trajectories import TrajectoryStore
+
+
+def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
+    """Run a CLI entry point; a UserError becomes `error: ...` on stderr and exit code 2."""
+    try:
+        main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
+
+
+def new_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def parse_command(prog: str, doc: str | None, argv: list[str] | None,
+                  *add_args: Callable[[argparse.ArgumentParser], None]) -> tuple[argparse.Namespace, Config]:
+    """A command's flags (its own, added by `add_args`, then every config field) and its config."""
+    parser = new_parser(prog, doc)
+    for add in add_args:
+        add(parser)
+    add_config_args(parser)
+    args = parser.parse_args(argv)
+    return args, config_from_args(args)
+
+
+# ---------------------------------------------------------------- the config
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """Add --config, the short flags, and one `--section.field` flag per config field, whose help
+    is the field's comment in core/config.py."""
+    parser.add_argument("--config", help="YAML config; default: the shipped <dataset>_ipc<ipc>.yaml when it exists")
+    parser.add_argument("--dataset", dest="data.dataset", default=argparse.SUPPRESS, help="short for --data.dataset")
+    parser.add_argument("--ipc", dest="distill.ipc", default=argparse.SUPPRESS, help="short for --distill.ipc")
+    parser.add_argument("--data-dir", dest="data.data_dir", default=argparse.SUPPRESS, help="short for --data.data_dir")
+    defaults = Config()
+    for section in [*SECTIONS, None]:
+        obj = getattr(defaults, section) if section else defaults
+        group = parser.add_argument_group(section or "run")
+        helps = field_help(type(obj))
+        for name, kind in field_types(type(obj)).items():
+            if name in SECTIONS:
+                continue
+            default = getattr(obj, name)
+            shown = ",".join(default) if isinstance(default, list) else default
+            flag = f"{section}.{name}" if section else name
+            group.add_argument(f"--{flag}", dest=flag, default=argparse.SUPPRESS,
+                               metavar=getattr(kind, "__name__", "LIST").upper(),
+                               help=f"{helps.get(name, '')} (default: {shown!r})".replace("%", "%%"))
+
+
+def config_from_args(args: argparse.Namespace, announce: bool = True, base: Config | None = None) -> Config:
+    """Defaults (or `base`, e.g. the config a distilled set was made with), then the YAML (explicit
+    --config, or without a base the shipped one for dataset x IPC), then flags. `announce` prints
+    where the config came from and every value in use."""
+    cli = {k: v for k, v in vars(args).items() if "." in k or k in ("device", "seed", "run_dir")}
+    cfg = base or Config()
+    config_path = getattr(args, "config", None)
+    if config_path is None and base is None:
+        dataset = cli.get("data.dataset", cfg.data.dataset)
+        ipc = parse_value(cli.get("distill.ipc", cfg.distill.ipc), int, "distill.ipc")
+        shipped = default_config_path(dataset, ipc)
+        config_path = shipped if shipped.is_file() else None
+    if config_path is not None:
+        apply_overrides(cfg, load_yaml(config_path), str(config_path))
+    apply_overrides(cfg, cli, "command line")
+    cfg.validate()
+    if announce:
+        print(describe_config(cfg, config_path or ("the distilled set's own" if base else None), sorted(cli)),
+              flush=True)
+    return cfg
+
+
+def describe_config(cfg: Config, path, flags: list[str]) -> str:
+    source = f"{path}" if path else "defaults (no shipped config for this dataset and IPC)"
+    lines = [f"config: {source}" + (f" + flags {', '.join(flags)}" if flags else "")]
+    for section, values in cfg.to_dict().items():
+        if isinstance(values, dict):
+            lines.append(f"  {section}: " + " ".join(f"{k}={v}" for k, v in values.items()))
+    lines.append(f"  run: device={cfg.device} seed={cfg.seed} run_dir={cfg.run_dir}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- MLflow
+def add_tracking_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tracking-uri", help="MLflow store: default sqlite:///<run_dir>/mlflow.db when mlflow is "
+                        "installed; http://host:port for a server; 'none' to turn tracking off")
+
+
+def open_tracking(tracking_uri: str | None, cfg: Config, run_name: str):
+    """(client, run id) of a new MLflow run, or None when tracking is off or mlflow is absent.
+    mlflow is imported only here, so the algorithm keeps running on a box with only torch."""
+    if tracking_uri == "none":
+        return None
+    try:
+        from ..scale import tracking
+    except ImportError:
+        if tracking_uri:
+            raise UserError("--tracking-uri needs mlflow (pip install mlflow); or pass --tracking-uri none") from None
+        print("mlflow is not installed: not tracking this run")
+        return None
+    uri = tracking_uri or tracking.default_tracking_uri(cfg.run_dir)
+    client, experiment_id = tracking.open_experiment(uri, cfg.run_dir)
+    run_id = tracking.start_run(client, experiment_id, run_name, tracking.flat_config(cfg),
+                                tags={"ray_mtt.kind": "distill"})
+    print(f"MLflow run {run_id} in {uri}")
+    return client, run_id
+
+
+@contextlib.contextmanager
+def tracked_run(tracking_uri: str | None, cfg: Config, run_name: str):
+    """open_tracking's run, closed as FAILED (KILLED on Ctrl-C) when the work inside raises, so no
+    run is left RUNNING in the UI; the caller closes it with finish_tracking on success."""
+    tracked = open_tracking(tracking_uri, cfg, run_name)
+    try:
+        yield tracked
+    except BaseException as e:
+        if tracked is not None:
+            tracked[0].set_terminated(tracked[1], "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+
+
+def reporter_for(tracked, data: Dataset, cfg: Config) -> Reporter | None:
+    if tracked is None:
+        return None
+    from ..scale.tracking import MlflowReporter
+    return MlflowReporter(tracked[0], tracked[1], data.preprocess, cfg.distill.ipc)
+
+
+def finish_tracking(tracked, scores: dict, summary: dict) -> None:
+    if tracked is not None:
+        from ..scale.tracking import log_result
+        log_result(tracked[0], tracked[1], scores, summary)
+        tracked[0].set_terminated(tracked[1])
+
+
+# ---------------------------------------------------------------- where experts train
+def add_job_args(parser: argparse.ArgumentParser) -> None:
+    """Flags that choose where experts train: Ray Train workers (scale/experts_job.py) or this process."""
+    job = parser.add_argument_group("expert job")
+    has_ray = importlib.util.find_spec("ray") is not None
+    job.add_argument("--engine", choices=("ray", "local"), default="ray" if has_ray else "local",
+                     help="ray: Ray Train workers (default when ray is installed); local: this process, torch only")
+    job.add_argument("--address", help="Ray cluster address (default: the one running here, else a new local one)")
+    job.add_argument("--workers", type=int, default=0, help="Ray Train workers (default: one per GPU, else per CPU)")
+    job.add_argument("--cpus-per-worker", type=int, default=1)
+    job.add_argument("--max-failures", type=int, default=3, help="worker-group restarts before the job gives up")
+
+
+def make_experts(cfg: Config, args: argparse.Namespace, data: Dataset | None = None,
+                 progress: bool = True) -> TrajectoryStore:
+    """Train the experts the store lacks with the engine that `add_job_args` flags chose."""
+    if args.engine == "ray":
+        if importlib.util.find_spec("ray") is None:
+            raise UserError("--engine ray needs ray (pip install 'ray[train]'); or pass --engine local")
+        from ..scale.experts_job import run_job
+        return run_job(cfg.absolute_paths(), args.address, args.workers, args.cpus_per_worker, args.max_failures)
+    return train_experts(cfg, data or load_expert_data(cfg, resolve_device(cfg.device)), progress=progress)
+
+
+def load_data(cfg: Config) -> Dataset:
+    return load_dataset(cfg.data, resolve_device(cfg.device))

@@ -1,0 +1,5 @@
+"""The one exception type for mistakes a user can fix; the CLI prints it as one line (cli/common.py)."""
+
+
+class UserError(Exception):
+    """Bad input (config, data, trajectories). The message names the problem and the fix."""

@@ -1,0 +1,112 @@
+"""Phase 1: train expert networks on the real data and save their parameters after every epoch.
+
+`train_expert` is the unit of work the orchestration layer (scale/experts_job.py) fans out; it
+resumes from the last saved epoch, so a killed run (or a restarted Ray worker) never redoes
+finished epochs. `train_experts` is the same work in one process, with torch alone.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterable
+
+import torch
+from tqdm import tqdm
+
+from .augment import DSA
+from .config import Config
+from .data import Dataset, load_dataset
+from .datasets import DatasetSpec
+from .models import FlatModel, model_for
+from .seeds import derive_seed, seed_everything
+from .train import ShuffledBatches, accuracy, train_epoch
+from .trajectories import TrajectoryStore
+
+EpochCallback = Callable[[int, int, dict], None]  # (expert index, epoch, metrics)
+
+
+def store_identity(cfg: Config, spec: DatasetSpec, model: torch.nn.Module) -> dict:
+    """What a trajectory store records about its experts (and what readers must match)."""
+    options = getattr(model, "options", {})
+    return {"dataset": spec.name, "model": cfg.model.name, "width": options.get("width"),
+            "depth": options.get("depth"), "zca": cfg.data.zca,
+            "val_per_class": cfg.data.val_per_class, "train_per_class": cfg.data.train_per_class,
+            "num_params": FlatModel(model).num_params,
+            "channels": spec.channels, "size": spec.size, "num_classes": spec.num_classes,
+            "lr": cfg.experts.lr, "batch_size": cfg.experts.batch_size, "augment": cfg.augment.strategy}
+
+
+def load_expert_data(cfg: Config, device: torch.device | str) -> Dataset:
+    """The dataset as expert training needs it: without the training images when they stream from a .beton."""
+    return load_dataset(cfg.data, device, keep_train=cfg.data.loader == "tensor")
+
+
+EpochBatches = Callable[[int, int], Iterable]  # (order seed, epoch) -> that epoch's (uint8 images, labels) minibatches
+
+
+def epoch_batches(cfg: Config, data: Dataset) -> EpochBatches:
+    """The training split's minibatches on the device, in an order fixed by (order seed, epoch), so
+    a resumed expert sees the data it would have seen. Build it once per process: the FFCV loader
+    compiles its pipeline (seconds) on first use, then serves every expert."""
+    if cfg.data.loader == "ffcv":
+        from .beton import BetonBatches, ensure_beton  # the optional ffcv extra
+        spec = data.spec
+        return BetonBatches(ensure_beton(cfg), cfg.experts.batch_size, data.y_train.device, len(data.y_train),
+                            (spec.size, spec.size, spec.channels), cfg.data.beton_workers).epoch
+    return lambda seed, epoch: ShuffledBatches(data.x_train, data.y_train, cfg.experts.batch_size,
+                                               torch.Generator().manual_seed(seed + epoch))
+
+
+def train_expert(cfg: Config, data: Dataset, store: TrajectoryStore, index: int,
+                 on_epoch: EpochCallback | None = None, progress: bool = False,
+                 batches: EpochBatches | None = None) -> dict:
+    """Train expert `index` for cfg.experts.epochs epochs, resuming after its last saved epoch."""
+    device = data.x_train.device
+    seed_everything(cfg.seed, "expert_init", index)
+    model = model_for(cfg, data.spec).to(device)
+    flat = FlatModel(model)
+    saved = store.saved_epoch_count(index)
+    if saved:
+        flat.load(store.load_epoch(index, saved - 1).to(device))
+    else:
+        store.save_epoch(index, 0, flat.flatten(), {"epoch": 0, "test_acc": None, "train_loss": None})
+        saved = 1
+    ex = cfg.experts
+    # Momentum state is not part of a trajectory (the paper uses none); a resumed expert restarts it at zero.
+    optimizer = torch.optim.SGD(model.parameters(), lr=ex.lr, momentum=ex.momentum, weight_decay=ex.weight_decay)
+    augment = DSA(cfg.augment.strategy, cfg.augment.siamese)
+    batches = batches or epoch_batches(cfg, data)
+    for epoch in range(saved, ex.epochs + 1):
+        seed_everything(cfg.seed, "expert_epoch", index, epoch)  # so a resumed expert draws the same augmentations
+        start = time.perf_counter()
+        loss = train_epoch(model, optimizer, batches(derive_seed(cfg.seed, "expert_order", index), epoch),
+                           data.preprocess, augment,
+                           progress=f"expert {index} epoch {epoch}" if progress else "")
+        metrics = {"epoch": epoch, "train_loss": float(loss), "seconds": time.perf_counter() - start,
+                   "test_acc": accuracy(model, data.x_test, data.y_test, data.preprocess), "saved_at": time.time()}
+        store.save_epoch(index, epoch, flat.flatten(), metrics)
+        if on_epoch is not None:
+            on_epoch(index, epoch, metrics)
+    store.finish(index, {"seed": cfg.seed, "index": index, "num_epochs": ex.epochs})
+    return store.open(index).info
+
+
+def train_experts(cfg: Config, data: Dataset, progress: bool = True) -> TrajectoryStore:
+    """Train every expert of cfg.experts that the store does not hold yet (the local, one-process path)."""
+    store = open_store_for_training(cfg, data.spec)
+    todo = store.unfinished(cfg.experts.num_experts)
+    bar = tqdm(total=cfg.experts.num_experts, initial=cfg.experts.num_experts - len(todo), desc="experts",
+               disable=not progress)
+    batches = epoch_batches(cfg, data) if todo else None
+    for k in todo:
+        info = train_expert(cfg, data, store, k, progress=progress, batches=batches)
+        bar.update(1)
+        bar.set_postfix(test_acc=f"{info['epochs'][-1]['test_acc']:.3f}")
+    bar.close()
+    return store
+
+
+def open_store_for_training(cfg: Config, spec: DatasetSpec) -> TrajectoryStore:
+    """Create the store, or check that the experts it holds were trained like cfg's."""
+    store = TrajectoryStore(cfg.expert_dir)
+    store.init(store_identity(cfg, spec, model_for(cfg, spec)))
+    return store
