@@ -13,7 +13,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # before ray starts; Ray 2.6
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from ray_mtt.scale.experts_job import run_job  # noqa: E402
+from ray_mtt.scale.experts_job import JobResources, run_job  # noqa: E402
 from ray_mtt.core.trajectories import TrajectoryStore  # noqa: E402
 from tests.helpers import REPO, needs_ffcv, tiny_config  # noqa: E402
 
@@ -87,7 +87,7 @@ def test_workers_train_experts_concurrently_and_survive_a_killed_worker(cluster,
     store = TrajectoryStore(cfg.expert_dir)
     fault = FaultWhenMidExpert(store, lambda: train_workers()[0].send_signal(signal.SIGKILL))
     fault.start()
-    run_job(cfg, cluster.address, workers=2, max_failures=3)
+    run_job(cfg, cluster.address, JobResources(max_workers=2, min_workers=2, max_failures=3))
     epochs = assert_complete_and_uncorrupted(store)
     assert_saved_epochs_not_redone(epochs, fault)
     # Two experts trained at once: their epoch-save windows overlap.
@@ -100,7 +100,7 @@ def test_workers_stream_experts_from_a_beton(cluster, tmp_path):
     from ray_mtt.core.beton import beton_file
     cfg = job_config(tmp_path)
     cfg.data.loader = "ffcv"
-    run_job(cfg, cluster.address, workers=2, max_failures=0)
+    run_job(cfg, cluster.address, JobResources(max_workers=2, min_workers=2, max_failures=0))
     assert_complete_and_uncorrupted(TrajectoryStore(cfg.expert_dir))
     assert [p.name for p in beton_file(cfg).parent.glob("*.beton")] == [beton_file(cfg).name]  # one file, no temps
 
@@ -117,7 +117,7 @@ def test_job_survives_losing_a_node(cluster, tmp_path):
     fault = FaultWhenMidExpert(store, remove_a_worker_node)
     fault.start()
     try:
-        run_job(cfg, cluster.address, workers=2, max_failures=3)
+        run_job(cfg, cluster.address, JobResources(max_workers=2, min_workers=2, max_failures=3))
     finally:
         cluster.add_node(num_cpus=1)  # back to three nodes for the other tests
         cluster.wait_for_nodes()
@@ -127,7 +127,7 @@ def test_job_survives_losing_a_node(cluster, tmp_path):
 def test_killed_driver_reruns_without_redoing_finished_experts(cluster, tmp_path):
     cfg = job_config(tmp_path)
     store = TrajectoryStore(cfg.expert_dir)
-    command = [sys.executable, "-m", "ray_mtt.experts", "--address", cluster.address, "--workers", "2",
+    command = [sys.executable, "-m", "ray_mtt.experts", "--address", cluster.address, "--workers", "2", "--min-workers", "2",
                "--model.width", "16", "--num-experts", str(EXPERTS), "--epochs", str(EPOCHS),
                "--experts.batch_size", "16", "--storage", cfg.expert_dir, "--run_dir", cfg.run_dir]
     env = {**os.environ, "PYTHONPATH": str(REPO)}

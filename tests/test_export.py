@@ -46,7 +46,7 @@ def test_a_set_file_scores_and_exports_with_nothing_else(tmp_path, digits):
     result = run_cli("ray_mtt.evaluate", "--synthetic", str(moved), "--eval.epochs", "5", "--device", "cpu",
                      cwd=moved.parent)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "the distilled set's own" in result.stdout and "distilled (lr" in result.stdout
+    assert "the distilled set's own" in result.stdout and "learned lr" in result.stdout
     assert "zca=True" in result.stdout and "width=16" in result.stdout
     result = run_cli("ray_mtt.export", str(moved), "--format", "png", "--out", str(tmp_path / "png"))
     assert result.returncode == 0 and (tmp_path / "png" / "grid.png").is_file()

@@ -161,9 +161,17 @@ def add_job_args(parser: argparse.ArgumentParser) -> None:
     job.add_argument("--engine", choices=("ray", "local"), default="ray" if has_ray else "local",
                      help="ray: Ray Train workers (default when ray is installed); local: this process, torch only")
     job.add_argument("--address", help="Ray cluster address (default: the one running here, else a new local one)")
-    job.add_argument("--workers", type=int, default=0, help="Ray Train workers (default: one per GPU, else per CPU)")
-    job.add_argument("--cpus-per-worker", type=int, default=1)
+    job.add_argument("--workers", type=int, default=0,
+                     help="most Ray Train workers (default: one per unfinished expert; an autoscaler adds nodes for them)")
+    job.add_argument("--min-workers", type=int, default=1, help="the job starts once this many workers fit, then grows")
+    job.add_argument("--use-gpu", choices=("auto", "yes", "no"), default="auto",
+                     help="auto: when the cluster has GPUs or its autoscaler config has GPU node types")
+    job.add_argument("--gpus-per-worker", type=float, default=1.0,
+                     help="GPUs per worker, fractional allowed (0.25: four ConvNet experts share a GPU)")
+    job.add_argument("--cpus-per-worker", type=float, default=1.0)
     job.add_argument("--max-failures", type=int, default=3, help="worker-group restarts before the job gives up")
+    job.add_argument("--resize-check-s", type=float, default=60.0,
+                     help="how often Ray Train considers adding workers as nodes arrive")
 
 
 def make_experts(cfg: Config, args: argparse.Namespace, data: Dataset | None = None,
@@ -172,8 +180,11 @@ def make_experts(cfg: Config, args: argparse.Namespace, data: Dataset | None = N
     if args.engine == "ray":
         if importlib.util.find_spec("ray") is None:
             raise UserError("--engine ray needs ray (pip install 'ray[train]'); or pass --engine local")
-        from ..scale.experts_job import run_job
-        return run_job(cfg.absolute_paths(), args.address, args.workers, args.cpus_per_worker, args.max_failures)
+        from ..scale.experts_job import JobResources, run_job
+        resources = JobResources(max_workers=args.workers, min_workers=args.min_workers, use_gpu=args.use_gpu,
+                                 gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
+                                 max_failures=args.max_failures, resize_check_s=args.resize_check_s)
+        return run_job(cfg.absolute_paths(), args.address, resources)
     return train_experts(cfg, data or load_expert_data(cfg, resolve_device(cfg.device)), progress=progress)
 
 

@@ -46,9 +46,10 @@ def main(argv: list[str] | None = None) -> None:
     if tuple(saved["images"].shape[1:]) != want:
         raise mismatch(saved, path, data.spec.name, "x".join(map(str, want)))
     saved = {k: v.to(device) if hasattr(v, "to") else v for k, v in saved.items()}
+    lr = float(saved["lr"])
     if args.baseline:
         rows = score_with_baseline(saved, cfg, data, progress=True)
     else:
-        lr = float(saved["lr"])
-        rows = {f"distilled (lr {lr:.4g})": score(saved["images"], saved["labels"], lr, cfg, data, progress=True)}
+        rows = {"distilled": score(saved["images"], saved["labels"], lr, cfg, data, progress=True)}
+    print(f"test accuracy over {cfg.eval.num_runs} networks each (distilled set trained with its learned lr {lr:.4g})")
     print(format_table(rows))

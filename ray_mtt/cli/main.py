@@ -45,7 +45,8 @@ def run_pipeline(cfg: Config, job: argparse.Namespace, progress: bool = True, tr
     }
     (cfg.distill_dir / "results.json").write_text(json.dumps({"config": cfg.to_dict(), **summary}, indent=1))
     print(f"\n{cfg.data.dataset} IPC={cfg.distill.ipc}: test accuracy over {cfg.eval.num_runs} networks "
-          f"(synthetic set picked at iteration {result['best_iteration']} on the validation split)")
+          f"(synthetic set picked at iteration {result['best_iteration']} on the validation split, "
+          f"learned lr {float(best['lr']):.4g})")
     print(format_table(rows))
     print(f"times: experts {times['experts_s']:.0f} s, distill {times['distill_s']:.0f} s "
           f"({result['s_per_iter']:.3f} s/iter), evaluate {times['evaluate_s']:.0f} s; "

@@ -42,6 +42,10 @@ def add_sweep_args(parser: argparse.ArgumentParser) -> None:
     sweep.add_argument("--tracking-uri", help="MLflow store (default sqlite:///<run_dir>/mlflow.db; http://... for a server)")
     sweep.add_argument("--eval-models", default=",".join(CROSS_ARCH), help="architectures scored for the best trial")
     sweep.add_argument("--address", help="Ray cluster address (default: connect to a running one, else start locally)")
+    sweep.add_argument("--storage", default="", help="Tune's state and trial checkpoints; on a cluster a URI every node "
+                       "can write (s3://BUCKET/sweeps); default <run_dir>/tune/ray")
+    sweep.add_argument("--max-trial-failures", type=int, default=2,
+                       help="restarts of a trial (e.g. its node was lost) from its last checkpoint")
 
 
 def print_outcome(outcome: SweepOutcome, num_runs: int, tracking_uri: str) -> None:
@@ -75,5 +79,5 @@ def main(argv: list[str] | None = None) -> None:
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, resume=args.resume,
         tracking_uri=args.tracking_uri or default_tracking_uri(cfg.run_dir),
         eval_models=[m for m in args.eval_models.split(",") if m], address=args.address,
-        make_experts=args.make_experts)
+        make_experts=args.make_experts, storage=args.storage, max_trial_failures=args.max_trial_failures)
     print_outcome(run_sweep(cfg, opts), cfg.eval.num_runs, opts.tracking_uri)

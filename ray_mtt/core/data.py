@@ -7,6 +7,7 @@ input the networks see, so a whole dataset costs one byte per pixel of device me
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,27 +132,63 @@ def read_raw(cfg: DataConfig) -> tuple[RawSplits, DatasetSpec, Path]:
     return raw, spec, data_dir
 
 
-def load_dataset(cfg: DataConfig, device: torch.device | str = "cpu", keep_train: bool = True,
-                 zca: tuple[torch.Tensor, ...] | None = None) -> Dataset:
-    """The splits as uint8 tensors on `device`. keep_train=False leaves x_train empty, for expert
-    training that streams the training split from a .beton (beton.py) instead. `zca`: the
-    matrices fit_zca gave for this same config, so a sweep fits them once rather than per trial."""
+@dataclass
+class Splits:
+    """The splits as uint8 (N, H, W, C) numpy arrays and int64 labels, plus the fitted ZCA matrices:
+    what crosses a process or node boundary. On a cluster the driver reads the files once and
+    workers get this through Ray's object store, so no worker ever reads the driver's disk."""
+    spec: DatasetSpec
+    classes: list[str]
+    x_train: np.ndarray | None  # None when experts stream the training split from a .beton
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    zca: tuple[torch.Tensor, ...] | None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.x_train, self.x_val, self.x_test) if a is not None)
+
+
+def read_splits(cfg: DataConfig, keep_train: bool = True, zca: tuple[torch.Tensor, ...] | None = None) -> Splits:
+    """Read the files, hold out the validation split, fit ZCA on the training split (unless the
+    matrices are given). keep_train=False drops the training images once ZCA no longer needs them."""
     raw, spec, _ = read_raw(cfg)
     train_idx, val_idx = split_validation(raw.y_train, cfg.val_per_class, spec.num_classes, cfg.train_per_class)
+    x_train = np.asarray(raw.x_train[train_idx]) if keep_train or (cfg.zca and zca is None) else None
+    if cfg.zca and zca is None:
+        zca = fit_zca(torch.from_numpy(np.ascontiguousarray(x_train.transpose(0, 3, 1, 2))))
+    return Splits(
+        spec=dataclasses.replace(spec, read=None),  # a reader is no data: keep the object picklable
+        classes=raw.classes or [str(i) for i in range(spec.num_classes)],
+        x_train=x_train if keep_train else None, y_train=raw.y_train[train_idx],
+        x_val=np.asarray(raw.x_train[val_idx]), y_val=raw.y_train[val_idx],
+        x_test=np.asarray(raw.x_test[:]), y_test=raw.y_test, zca=zca if cfg.zca else None)
 
-    def tensor(x, on=device):  # (N, H, W, C) uint8 -> (N, C, H, W)
-        return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(on)
 
-    fit = cfg.zca and zca is None
-    # ZCA is fitted on the whole training split, so it is read even when it is not kept.
-    x_train = tensor(raw.x_train[train_idx], device if keep_train else "cpu") if keep_train or fit else None
-    zca = (fit_zca(x_train) if fit else zca) if cfg.zca else None
-    if not keep_train:  # the labels stay: they are small, and say how many images the stream must hold
-        x_train = torch.zeros(0, spec.channels, spec.size, spec.size, dtype=torch.uint8, device=device)
+def to_device(splits: Splits, device: torch.device | str) -> Dataset:
+    """The splits as uint8 (N, C, H, W) tensors on `device`, with their preprocessing."""
+    spec = splits.spec
+
+    def tensor(x):  # (N, H, W, C) uint8 -> (N, C, H, W)
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)
+
+    # Without training images (they stream from a .beton) the labels stay: they say how many the stream holds.
+    x_train = tensor(splits.x_train) if splits.x_train is not None else \
+        torch.zeros(0, spec.channels, spec.size, spec.size, dtype=torch.uint8, device=device)
     return Dataset(
-        spec=spec, classes=raw.classes or [str(i) for i in range(spec.num_classes)],
-        x_train=x_train, y_train=torch.from_numpy(raw.y_train[train_idx]).to(device),
-        x_val=tensor(raw.x_train[val_idx]), y_val=torch.from_numpy(raw.y_train[val_idx]).to(device),
-        x_test=tensor(raw.x_test[:]), y_test=torch.from_numpy(raw.y_test).to(device),
-        preprocess=Preprocess(spec.mean, spec.std, zca).to(device),
+        spec=spec, classes=splits.classes,
+        x_train=x_train, y_train=torch.from_numpy(splits.y_train).to(device),
+        x_val=tensor(splits.x_val), y_val=torch.from_numpy(splits.y_val).to(device),
+        x_test=tensor(splits.x_test), y_test=torch.from_numpy(splits.y_test).to(device),
+        preprocess=Preprocess(spec.mean, spec.std, splits.zca).to(device),
     )
+
+
+def load_dataset(cfg: DataConfig, device: torch.device | str = "cpu", keep_train: bool = True,
+                 zca: tuple[torch.Tensor, ...] | None = None) -> Dataset:
+    """read_splits then to_device: the dataset from local files. `zca`: matrices fit_zca gave for
+    this same config, so a sweep fits them once rather than per trial."""
+    return to_device(read_splits(cfg, keep_train, zca), device)

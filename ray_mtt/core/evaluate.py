@@ -61,6 +61,11 @@ def train_and_score(model_name: str, images: torch.Tensor, labels: torch.Tensor,
     return accuracy(model, x_eval, y_eval, data.preprocess)
 
 
+def evaluation_stream(split: str, round_: int, run: int) -> tuple:
+    """The random stream of one evaluation network: (purpose, round, run)."""
+    return ("validation" if split == "val" else "evaluation", round_, run)
+
+
 def score(images: torch.Tensor, labels: torch.Tensor, lr: float, cfg: Config, data: Dataset,
           models: list[str] | None = None, num_runs: int | None = None, split: str = "test",
           epochs: int | None = None, round_: int = 0, progress: bool = False) -> dict[str, Score]:
@@ -69,15 +74,14 @@ def score(images: torch.Tensor, labels: torch.Tensor, lr: float, cfg: Config, da
     x_eval, y_eval = (data.x_val, data.y_val) if split == "val" else (data.x_test, data.y_test)
     if len(x_eval) == 0:
         raise UserError(f"the {split} split is empty; raise data.val_per_class to hold out validation images")
-    purpose = "validation" if split == "val" else "evaluation"
     models = models or cfg.eval.models
     num_runs = num_runs or cfg.eval.num_runs
     results = {}
     jobs = tqdm([(m, r) for m in models for r in range(num_runs)], desc=f"evaluate ({split})",
                 disable=not progress, leave=False)
     for name, run in jobs:
-        acc = train_and_score(name, images, labels, lr, cfg, data, x_eval, y_eval, (purpose, round_, run),
-                              epochs=epochs)
+        acc = train_and_score(name, images, labels, lr, cfg, data, x_eval, y_eval,
+                              evaluation_stream(split, round_, run), epochs=epochs)
         results.setdefault(name, Score(name, [])).accs.append(acc)
     return results
 
@@ -96,7 +100,7 @@ def score_with_baseline(synthetic: dict, cfg: Config, data: Dataset, models: lis
     distilled = score(synthetic["images"], synthetic["labels"], lr, cfg, data, models=models, progress=progress)
     x, y = random_real_set(cfg, data)
     real = score(x, y, cfg.eval.lr_real, cfg, data, models=models, progress=progress)
-    return {f"distilled (lr {lr:.4g})": distilled, "random real": real}
+    return {"distilled": distilled, "random real": real}
 
 
 def load_synthetic(path: str | Path, device) -> dict:

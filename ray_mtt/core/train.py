@@ -35,19 +35,21 @@ class ShuffledBatches:
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                 to_input: Callable[[torch.Tensor], torch.Tensor], augment: Callable[[torch.Tensor], torch.Tensor],
-                progress: str = "") -> torch.Tensor:
+                progress: str = "", on_batch: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """One pass over `batches` of (images, labels); returns the mean training loss as a tensor
     (no host sync, which matters in evaluation's 1000 one-step epochs on GPU). A non-empty
-    `progress` shows a per-batch bar with that label."""
+    `progress` shows a per-batch bar with that label; `on_batch(steps, images)` hears of each step."""
     model.train()
     sums, count = [], 0  # per-batch loss sums stay on the device
-    for images, labels in tqdm(batches, desc=progress, disable=not progress, leave=False):
+    for step, (images, labels) in enumerate(tqdm(batches, desc=progress, disable=not progress, leave=False)):
         loss = F.cross_entropy(model(augment(to_input(images))), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         sums.append(loss.detach() * len(labels))
         count += len(labels)
+        if on_batch is not None:
+            on_batch(step + 1, count)
     return torch.stack(sums).sum() / count if sums else torch.zeros(())
 
 

@@ -142,6 +142,16 @@ class TrajectoryStore:
         row = flat.detach().to("cpu", torch.float32).numpy()
         self.storage.write(self._epoch(k, epoch, "npy"), npy_bytes(row))
 
+    def save_progress(self, k: int, progress: dict) -> None:
+        """How far expert k is within the epoch in flight (see experts.EpochProgress)."""
+        write_json(self.storage, f"expert_{k:04d}.partial/progress.json", progress)
+
+    def read_progress(self, k: int) -> dict | None:
+        try:
+            return json.loads(self.storage.read(f"expert_{k:04d}.partial/progress.json"))
+        except (OSError, FileNotFoundError, json.JSONDecodeError):
+            return None  # not written yet, or the expert just finished
+
     def finish(self, k: int, info: dict) -> None:
         """Assemble the saved epochs into one file, then write the .json that marks it complete."""
         epochs = self.saved_epochs(k)

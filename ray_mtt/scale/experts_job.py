@@ -14,42 +14,77 @@ per epoch, matters for short epochs: Ray 2.60 takes one report per worker per 2 
 """
 from __future__ import annotations
 
+import os
 import socket
+import tempfile
 import threading
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import ray
 import torch
 import torch.distributed as dist
 from ray.train import FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from ..core.config import Config, config_from_dict
-from ..core.data import read_raw
+from ..core.data import read_splits, to_device
 from ..core.errors import UserError
-from ..core.experts import epoch_batches, load_expert_data, open_store_for_training, train_expert
+from ..core.experts import epoch_batches, open_store_for_training, train_expert
 from ..core.trajectories import TrajectoryStore
 
 
-def check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
-    """Ray's client retries a HOST:PORT that nobody answers for minutes; a TCP connect tells in seconds."""
-    if not address or address in ("auto", "local") or "://" in address:
-        return
+def parse_address(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise UserError(f"--address {address!r} is not HOST:PORT (e.g. 10.0.0.5:6379), 'auto' or ray://HOST:PORT")
+    return host, int(port)
+
+
+def answers(address: str, timeout_s: float = 5.0) -> bool:
     try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
-    except OSError as e:
-        raise UserError(f"no Ray cluster answers at {address} ({e.strerror or e}); start one there with "
-                        f"`ray start --head`, or drop --address to use the local one") from None
+        socket.create_connection(parse_address(address), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def check_reachable(address: str | None) -> None:
+    """Ray's client retries a HOST:PORT that nobody answers for minutes; a TCP connect tells in seconds."""
+    if not address or address in ("auto", "local") or "://" in address:
+        return
+    if not answers(address):
+        raise UserError(f"no Ray cluster answers at {address}; start one there with `ray start --head`, "
+                        f"or drop --address to use the local one")
+
+
+def recorded_address() -> tuple[str | None, Path]:
+    """The cluster `ray start` recorded on this machine: what ray.init() joins when no address is given."""
+    path = Path(os.environ.get("RAY_TMPDIR", tempfile.gettempdir())) / "ray" / "ray_current_cluster"
+    return (path.read_text().strip() or None if path.is_file() else None), path
 
 
 def connect(address: str | None) -> None:
-    """Join the cluster at `address`, or the one running on this machine, or start a local one."""
+    """Join the cluster at `address`, or the one running on this machine, or start a local one.
+    A local cluster that died without cleaning up stays recorded, and ray.init() would sit in
+    connect retries for minutes: a recorded address that does not answer starts a fresh one."""
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        recorded, path = recorded_address()
+        if recorded and not answers(recorded):
+            print(f"the Ray cluster recorded in {path} ({recorded}) does not answer: starting a fresh local one",
+                  flush=True)
+            address = "local"
     check_reachable(address)
     ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False,
              configure_logging=False)
+
+
+def ray_failure(e: BaseException, what: str) -> UserError:
+    """A Ray-level failure (a dead raylet or node, an actor the memory monitor killed) as one line."""
+    first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+    return UserError(f"{what} failed in Ray ({type(e).__name__}: {first[:300]}); everything saved so far is kept: "
+                     f"rerun the same command to resume")
 
 
 def plan_rounds(store: TrajectoryStore, cfg: Config, world: int) -> list[list[int]]:
@@ -58,13 +93,21 @@ def plan_rounds(store: TrajectoryStore, cfg: Config, world: int) -> list[list[in
     return [todo[i:i + world] for i in range(0, len(todo), world)]
 
 
+def worker_device(cfg: Config) -> torch.device:
+    """The GPU Ray assigned, if this process can use one; a node that declares GPUs it lacks trains on CPU."""
+    if cfg.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return ray.train.torch.get_device()
+
+
 def expert_worker(loop_config: dict) -> None:
-    """The Ray Train worker loop: train this worker's expert of each round, resuming saved epochs."""
+    """The Ray Train worker loop: train this worker's expert of each round, resuming saved epochs.
+    The data comes from Ray's object store (the driver read it once), never from this node's disk."""
     cfg = config_from_dict(loop_config["config"])
     torch.set_num_threads(loop_config["threads"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    data = load_expert_data(cfg, ray.train.torch.get_device())
+    data = to_device(ray.get(loop_config["splits"]), worker_device(cfg))
     store = open_store_for_training(cfg, data.spec)
     # Everyone reads the store before anyone writes to it, so all workers compute the same plan.
     rounds = plan_rounds(store, cfg, world)
@@ -77,34 +120,50 @@ def expert_worker(loop_config: dict) -> None:
             info = train_expert(cfg, data, store, round_[rank], batches=batches)
             summary = {"expert": round_[rank], "test_acc": info["epochs"][-1]["test_acc"],
                        "train_seconds": sum(e.get("seconds") or 0 for e in info["epochs"])}
-        ray.train.report({**summary, "rank": rank})
+        ray.train.report({**summary, "rank": rank, "world": world})
 
 
 class Progress:
-    """Prints experts done / running / pending, epochs per second and an ETA, read from the store."""
+    """Prints, every `every_s`: experts done / running / pending, each running expert's epoch and
+    step, images/s per worker and in total, and an ETA. Everything is read from the store (workers
+    write their position within the epoch there), so the driver may run on any node."""
 
-    def __init__(self, store: TrajectoryStore, cfg: Config, every_s: float):
-        self.store, self.cfg, self.every_s = store, cfg, every_s
+    def __init__(self, store: TrajectoryStore, cfg: Config, every_s: float, images_per_epoch: int):
+        self.store, self.cfg, self.every_s, self.images_per_epoch = store, cfg, every_s, images_per_epoch
+        self.rate = None  # images/s, smoothed so the ETA does not jump between polls
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
 
-    def counts(self) -> tuple[int, int, int]:
-        """(finished experts, experts in training, epochs saved in total), from listings only."""
-        unfinished = self.store.unfinished(self.cfg.experts.num_experts)
-        saved = [n for n in map(self.store.saved_epoch_count, unfinished) if n]  # includes epoch 0, the init
-        done = self.cfg.experts.num_experts - len(unfinished)
-        return done, len(saved), done * self.cfg.experts.epochs + sum(n - 1 for n in saved)
+    def line(self) -> str:
+        ex = self.cfg.experts
+        unfinished = self.store.unfinished(ex.num_experts)
+        done_images = (ex.num_experts - len(unfinished)) * ex.epochs * self.images_per_epoch
+        running, rates = [], []
+        for k in unfinished:
+            saved = self.store.saved_epoch_count(k)  # includes epoch 0, the initialisation
+            if not saved:
+                continue
+            done_images += (saved - 1) * self.images_per_epoch
+            p = self.store.read_progress(k)
+            if p and p["epoch"] == saved and time.time() - p["at"] < 6 * self.every_s:  # the epoch in flight
+                done_images += p["images"]
+                rates.append(p["images_per_s"])
+                running.append(f"#{k} epoch {p['epoch']}/{ex.epochs} step {p['step']}/{p['steps']} "
+                               f"{p['images_per_s']:.0f} img/s")
+            else:
+                running.append(f"#{k} epoch {saved}/{ex.epochs}")
+        if rates:
+            self.rate = sum(rates) if self.rate is None else 0.7 * self.rate + 0.3 * sum(rates)
+        left = ex.num_experts * ex.epochs * self.images_per_epoch - done_images
+        eta = f"{left / self.rate / 60:.1f} min" if self.rate else "? (no step timed yet)"
+        pending = len(unfinished) - len(running)
+        total = f"{sum(rates):.0f} images/s in {len(rates)} worker(s)" if rates else "no worker reporting yet"
+        return (f"experts: {ex.num_experts - len(unfinished)} done, {len(running)} running, {pending} pending | "
+                f"{total} | ETA {eta}" + "".join(f"\n  {r}" for r in running))
 
     def _loop(self) -> None:
-        start, (_, _, first) = time.perf_counter(), self.counts()
-        total = self.cfg.experts.num_experts * self.cfg.experts.epochs
         while not self.stop.wait(self.every_s):
-            done, running, epochs = self.counts()
-            rate = (epochs - first) / (time.perf_counter() - start)
-            eta = f"{(total - epochs) / rate / 60:.1f} min" if rate > 0 else "?"
-            pending = self.cfg.experts.num_experts - done - running
-            print(f"experts: {done} done, {running} running, {pending} pending | {rate:.2f} epochs/s | ETA {eta}",
-                  flush=True)
+            print(self.line(), flush=True)
 
     def __enter__(self) -> "Progress":
         self.thread.start()
@@ -115,20 +174,50 @@ class Progress:
         self.thread.join()
 
 
-def default_workers(cpus_per_worker: int) -> tuple[int, bool]:
-    """(workers, use_gpu): one worker per GPU when the cluster has GPUs, else one per cpus_per_worker CPUs."""
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    if gpus:
-        return gpus, True
-    return max(1, int(resources.get("CPU", 1)) // cpus_per_worker), False
+def bootstrap_gpu_types(path: Path = Path.home() / "ray_bootstrap_config.yaml") -> bool:
+    """Whether the autoscaler's config on this head node (`ray up` writes it) has GPU node types."""
+    if not path.is_file():
+        return False
+    import yaml
+    types = (yaml.safe_load(path.read_text()) or {}).get("available_node_types", {})
+    return any((t.get("resources") or {}).get("GPU", 0) > 0 for t in types.values())
 
 
-def run_job(cfg: Config, address: str | None = None, workers: int = 0, cpus_per_worker: int = 1,
-            max_failures: int = 3, progress_every_s: float = 30.0) -> TrajectoryStore:
+def want_gpus(use_gpu: str) -> bool:
+    """--use-gpu yes|no|auto; auto = GPUs are up now, or the autoscaler can launch nodes that have them."""
+    if use_gpu in ("yes", "no"):
+        return use_gpu == "yes"
+    return bool(ray.cluster_resources().get("GPU")) or bootstrap_gpu_types()
+
+
+@dataclass
+class JobResources:
+    """What the expert job asks Ray for (the flags of cli/common.py add_job_args)."""
+    max_workers: int = 0  # 0 = one per unfinished expert; the autoscaler adds nodes up to it
+    min_workers: int = 1  # the job starts once this many fit, and grows as nodes arrive
+    use_gpu: str = "auto"  # yes | no | auto
+    gpus_per_worker: float = 1.0  # fractional shares a GPU: a ConvNet expert leaves most of one idle
+    cpus_per_worker: float = 1.0
+    max_failures: int = 3  # worker-group restarts (a dead worker or node) before the job gives up
+    resize_check_s: float = 60.0  # how often Ray Train considers growing the worker group
+
+    def scaling(self, unfinished: int) -> ScalingConfig:
+        use_gpu = want_gpus(self.use_gpu)
+        most = min(self.max_workers or unfinished, unfinished)
+        least = max(1, min(self.min_workers, most))
+        resources = {"CPU": self.cpus_per_worker, **({"GPU": self.gpus_per_worker} if use_gpu else {})}
+        return ScalingConfig(num_workers=(least, most) if most > least else most, use_gpu=use_gpu,
+                             resources_per_worker=resources, elastic_resize_monitor_interval_s=self.resize_check_s)
+
+
+def run_job(cfg: Config, address: str | None = None, resources: JobResources | None = None,
+            progress_every_s: float = 30.0) -> TrajectoryStore:
     """Train every expert the store lacks on the Ray cluster at `address`; returns the store."""
-    _, spec, _ = read_raw(cfg.data)  # bad dataset names, paths and files fail here, before Ray starts
-    store = open_store_for_training(cfg, spec)
+    resources = resources or JobResources()
+    # The driver reads the data once (bad names, paths and files fail here, before Ray starts);
+    # workers get it through Ray's object store.
+    splits = read_splits(cfg.data, keep_train=cfg.data.loader == "tensor")
+    store = open_store_for_training(cfg, splits.spec)
     if cfg.data.loader == "ffcv":
         from ..core.beton import ensure_beton
         ensure_beton(cfg)  # written once here; workers on nodes that cannot see beton_dir write their own
@@ -136,23 +225,25 @@ def run_job(cfg: Config, address: str | None = None, workers: int = 0, cpus_per_
     todo = store.unfinished(cfg.experts.num_experts)
     if not todo:
         return store
-    default_count, use_gpu = default_workers(cpus_per_worker)
-    workers = min(workers or default_count, len(todo))
-    with Progress(store, cfg, progress_every_s):
+    scaling = resources.scaling(len(todo))
+    with Progress(store, cfg, progress_every_s, len(splits.y_train)):
         trainer = TorchTrainer(
             expert_worker,
-            train_loop_config={"config": cfg.to_dict(), "threads": cpus_per_worker},
-            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                         resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+            train_loop_config={"config": cfg.to_dict(), "threads": max(1, int(resources.cpus_per_worker)),
+                               "splits": ray.put(splits)},
+            torch_config=TorchConfig(backend="gloo"),  # only a barrier crosses workers; gloo runs everywhere
+            scaling_config=scaling,
             run_config=RunConfig(name=f"experts_{cfg.data.dataset}_{cfg.model.name}",
                                  storage_path=f"{store.root.rstrip('/')}/_ray",  # Ray's run state, beside the trajectories
-                                 failure_config=FailureConfig(max_failures=max_failures)),
+                                 failure_config=FailureConfig(max_failures=resources.max_failures)),
         )
         try:
             trainer.fit()
         except ray.train.TrainingFailedError as e:
             missing = store.unfinished(cfg.experts.num_experts)
             reason = [line.strip() for line in str(e).splitlines() if line.strip()][-1:] or [type(e).__name__]
-            raise UserError(f"expert job failed after {max_failures} restarts ({reason[0]}); experts "
+            raise UserError(f"expert job failed after {resources.max_failures} restarts ({reason[0]}); experts "
                             f"{missing} are unfinished: rerun the same command to resume them") from None
+        except ray.exceptions.RayError as e:
+            raise ray_failure(e, "the expert job") from None
     return store

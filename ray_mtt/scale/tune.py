@@ -8,7 +8,9 @@ for the best trial a test-accuracy table over architectures.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,14 +19,15 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from ..core.config import Config, apply_overrides, config_from_dict
-from ..core.data import load_dataset
+from ..core.data import Splits, read_splits, to_device
 from ..core.distill import Reporter, distill
 from ..core.errors import UserError
-from ..core.evaluate import Score, load_synthetic, score_with_baseline
+from ..core.evaluate import Score, evaluation_stream, load_synthetic, random_real_set, train_and_score
 from ..core.models import model_for
 from ..core.train import resolve_device
+from ..core.storage import is_uri
 from ..core.trajectories import TrajectoryStore
-from .experts_job import connect, run_job
+from .experts_job import connect, ray_failure, run_job, want_gpus
 from .tracking import MlflowReporter, flat_config, log_result, open_experiment, start_run
 
 CROSS_ARCH = ["convnet", "resnet18", "vgg11", "alexnet"]
@@ -56,6 +59,9 @@ def parse_space(specs: list[str], cfg: Config) -> dict:
         if not sep:
             raise UserError(f"--space {spec!r}: expected key=kind:args, e.g. distill.lr_img=loguniform:10:1000")
         apply_overrides(Config(), {key: _first_value(value)}, f"--space {key}")  # validates the key and type
+        if key.startswith("data."):  # the driver reads the data once for every trial
+            raise UserError(f"--space {key}: the data is not swept (the driver reads it once for all trials); "
+                            f"run one sweep per data setting with --name")
         kind, _, args = value.partition(":")
         try:
             if kind in ("loguniform", "uniform"):
@@ -92,10 +98,11 @@ def _number(text: str):
 
 
 class TuneReporter(Reporter):
-    """Reports validation accuracy to Tune (for ASHA) and everything to the trial's MLflow run."""
+    """Reports validation accuracy to Tune (for ASHA) with the trial's state as a Tune checkpoint
+    (to the sweep's storage, so a trial restored on any node resumes), and everything to MLflow."""
 
-    def __init__(self, mlflow_reporter: MlflowReporter, losses: list[float]):
-        self.mlflow, self.losses = mlflow_reporter, losses
+    def __init__(self, mlflow_reporter: MlflowReporter, out: Path, run_id: str):
+        self.mlflow, self.out, self.run_id, self.losses = mlflow_reporter, out, run_id, []
 
     def step(self, iteration, metrics):
         self.losses.append(metrics["loss"])
@@ -104,25 +111,32 @@ class TuneReporter(Reporter):
     def evaluation(self, iteration, metrics, synthetic):
         self.mlflow.evaluation(iteration, metrics, synthetic)
         recent = self.losses[-10:]
+        # The trial folder holds best.pt (already updated for this evaluation), checkpoint.pt and the run id.
         tune.report({"iteration": iteration, "val_acc": metrics["val_acc"], "best_val_acc": metrics["best_val_acc"],
-                     "loss": sum(recent) / len(recent) if recent else float("nan")})
+                     "loss": sum(recent) / len(recent) if recent else float("nan"), "mlflow_run_id": self.run_id},
+                    checkpoint=tune.Checkpoint.from_directory(str(self.out)))
 
 
-def zca_for(trial_config: dict, zca: tuple | None) -> tuple | None:
-    """The driver's ZCA matrices, unless the trial varies the data they were fitted on."""
-    return None if any(key.startswith("data.") for key in trial_config) else zca
+def trial_folder(trial_id: str) -> Path:
+    """The trial's local working folder, on whatever node runs it; restored from its last Tune
+    checkpoint when Tune restarts the trial (on this node or another)."""
+    out = Path(tempfile.gettempdir()) / "ray_mtt_trials" / trial_id
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as saved:
+            shutil.copytree(saved, out, dirs_exist_ok=True)
+    return out
 
 
-def run_trial(config: dict, base: dict, tracking_uri: str, parent_run_id: str, sweep_dir: str,
-              zca: tuple | None = None) -> None:
-    """One Tune trial: distill with the sampled hyperparameters; resumes its own checkpoint on restore.
-    `zca`: the driver's ZCA matrices (a CIFAR-10 load takes 28.5 s with the fit, 1.4 s without, on the 2-core CPU)."""
+def run_trial(config: dict, base: dict, tracking_uri: str, parent_run_id: str, splits: Splits) -> None:
+    """One Tune trial: distill with the sampled hyperparameters. `splits` come from the driver through
+    Ray's object store (read and ZCA-fitted once; nothing is read from this node's disk)."""
     cfg = apply_overrides(config_from_dict(base), config, "search space").validate()
     trial_id = tune.get_context().get_trial_id()
-    cfg.distill.out_dir = str(Path(sweep_dir) / "trials" / trial_id)
-    out = Path(cfg.distill.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    data = load_dataset(cfg.data, resolve_device(cfg.device), zca=zca_for(config, zca))
+    out = trial_folder(trial_id)
+    cfg.distill.out_dir = str(out)
+    data = to_device(splits, resolve_device(cfg.device))
     client, experiment_id = open_experiment(tracking_uri, cfg.run_dir)
     run_file = out / "mlflow_run_id"  # a restored trial keeps logging into the same child run
     if run_file.is_file():
@@ -131,7 +145,7 @@ def run_trial(config: dict, base: dict, tracking_uri: str, parent_run_id: str, s
         run_id = start_run(client, experiment_id, f"trial {trial_id}", {**flat_config(cfg), "trial_id": trial_id},
                            parent_run_id=parent_run_id)
         run_file.write_text(run_id)
-    reporter = TuneReporter(MlflowReporter(client, run_id, data.preprocess, cfg.distill.ipc), [])
+    reporter = TuneReporter(MlflowReporter(client, run_id, data.preprocess, cfg.distill.ipc), out, run_id)
     distill(cfg, data, reporter=reporter, progress=False)
     client.set_tag(run_id, "ray_mtt.early_stopped", "false")
     client.set_terminated(run_id)
@@ -195,6 +209,8 @@ class SweepOptions:
     eval_models: list[str] = field(default_factory=lambda: list(CROSS_ARCH))
     address: str | None = None
     make_experts: bool = False
+    storage: str = ""  # Tune's state and trial checkpoints: a URI (s3://...) on a cluster; "" = <run_dir>/tune/ray
+    max_trial_failures: int = 2  # restarts of a trial (a lost node) from its last checkpoint
 
 
 @dataclass
@@ -206,12 +222,13 @@ class SweepOutcome:
 
 
 class Sweep:
-    """One named sweep: its folder, its MLflow parent run, its Tune experiment."""
+    """One named sweep: its MLflow parent run (the id kept in the driver's <run_dir>/tune/<name>) and
+    its Tune experiment, whose state and trial checkpoints live in `storage` (a URI on a cluster)."""
 
     def __init__(self, cfg: Config, opts: SweepOptions):
         self.cfg, self.opts = cfg, opts
         self.dir = Path(cfg.run_dir) / "tune" / opts.name
-        self.storage = str(Path(cfg.run_dir) / "tune" / "ray")
+        self.storage = opts.storage or str(Path(cfg.run_dir) / "tune" / "ray")
         self.client, self.experiment_id = open_experiment(opts.tracking_uri, cfg.run_dir)
 
     def parent_run(self, space: dict) -> str:
@@ -228,7 +245,7 @@ class Sweep:
 
     def tuner(self, trainable, space: dict) -> tune.Tuner:
         """A new Tune experiment, or the stored one on --resume; a name clash is a one-line error."""
-        path, name = os.path.join(self.storage, self.opts.name), self.opts.name
+        path, name = f"{self.storage.rstrip('/')}/{self.opts.name}", self.opts.name
         if self.opts.resume:
             if not tune.Tuner.can_restore(path):
                 raise UserError(f"no sweep named {name!r} to resume in {self.storage}; drop --resume to start it")
@@ -248,54 +265,65 @@ class Sweep:
             tune_config=tune.TuneConfig(metric="val_acc", mode="max", num_samples=self.opts.num_samples,
                                         scheduler=scheduler, search_alg=search_alg,
                                         max_concurrent_trials=self.opts.max_concurrent or None),
-            run_config=tune.RunConfig(name=name, storage_path=self.storage, verbose=1))
-
-    def trial_dir(self, trial_id: str) -> Path:
-        return self.dir / "trials" / trial_id
+            run_config=tune.RunConfig(name=name, storage_path=self.storage, verbose=1,
+                                      failure_config=tune.FailureConfig(max_failures=self.opts.max_trial_failures)))
 
 
-def trial_gpus(opts: SweepOptions, cfg: Config) -> float:
-    """GPUs per trial; a CPU-only trial is pinned to the CPU so it never takes a GPU Ray did not assign."""
-    gpus = opts.gpus_per_trial if opts.gpus_per_trial >= 0 else (1 if ray.cluster_resources().get("GPU") else 0)
+def trial_resources(opts: SweepOptions, cfg: Config) -> dict:
+    """CPUs and GPUs per trial; a CPU-only trial is pinned to the CPU so it never takes a GPU Ray did not assign."""
+    gpus = opts.gpus_per_trial if opts.gpus_per_trial >= 0 else (1 if want_gpus("auto") else 0)
     if gpus == 0 and cfg.device == "auto":
         cfg.device = "cpu"
-    return gpus
+    return {"cpu": opts.cpus_per_trial, "gpu": gpus}
+
+
+def check_shared(opts: SweepOptions, storage: str) -> None:
+    """On more than one node, what trials write must reach a place every node shares."""
+    if len([n for n in ray.nodes() if n["Alive"]]) < 2:
+        return
+    head = f"http://{ray.util.get_node_ip_address()}:5000"
+    if not opts.tracking_uri.startswith(("http://", "https://", "databricks")):
+        raise UserError(f"--tracking-uri {opts.tracking_uri} is a file on this node, which trials on other nodes "
+                        f"cannot write; run `mlflow server` on the head and pass --tracking-uri {head}")
+    if not is_uri(storage):
+        raise UserError(f"sweep storage {storage} is a local folder, which trials on other nodes cannot reach; "
+                        f"pass --storage s3://BUCKET/sweeps (or another URI every node can write)")
 
 
 def run_sweep(cfg: Config, opts: SweepOptions) -> SweepOutcome:
-    """Fit ZCA once, make experts if asked, run (or resume) the sweep, score the best trial."""
-    zca = load_dataset(cfg.data, "cpu").preprocess.zca  # checks the data first; fits ZCA once for all trials
+    """Read the data once, make experts if asked, run (or resume) the sweep, score the best trial."""
+    splits = read_splits(cfg.data)  # checks the data first; fits ZCA once for all trials
     if opts.make_experts and not TrajectoryStore(cfg.expert_dir).completed():
         run_job(cfg, opts.address)
     space = full_space(cfg, opts.user_space)
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     connect(opts.address)
-    gpus = trial_gpus(opts, cfg)
     sweep = Sweep(cfg, opts)
+    check_shared(opts, sweep.storage)
+    resources = trial_resources(opts, cfg)
     parent_run_id = sweep.parent_run(space)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=cfg.to_dict(), tracking_uri=opts.tracking_uri,
-                             parent_run_id=parent_run_id, sweep_dir=str(sweep.dir), zca=zca),
-        {"cpu": opts.cpus_per_trial, "gpu": gpus})
-    grid = sweep.tuner(trainable, space).fit()
+                             parent_run_id=parent_run_id, splits=splits), resources)
+    try:
+        grid = sweep.tuner(trainable, space).fit()
+    except ray.exceptions.RayError as e:
+        raise ray_failure(e, f"sweep {opts.name!r}") from None
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Tune leaves its handler: let Ctrl-C stop the scoring
     unfinished = opts.num_samples - grid.num_terminated - grid.num_errors
     if unfinished > 0:  # Tune returns normally after Ctrl-C, having saved the experiment state
         raise UserError(f"sweep {opts.name!r} stopped with {unfinished} of {opts.num_samples} trials unfinished; "
                         f"continue it with the same command plus --resume")
     close_trial_runs(grid, sweep)
-    return score_best(grid, sweep, parent_run_id, zca)
+    return score_best(grid, sweep, parent_run_id, splits, resources)
 
 
 def close_trial_runs(grid, sweep: Sweep) -> None:
     """Tune ends a trial at the report where ASHA stops it or it reaches max_t, so the trial's own
     code never gets to close its MLflow run: close every run of the finished sweep here."""
     for result in grid:
-        run_file = sweep.trial_dir(str(result.metrics.get("trial_id"))) / "mlflow_run_id"
-        if not run_file.is_file():
-            continue
-        run_id = run_file.read_text().strip()
-        if sweep.client.get_run(run_id).info.status == "RUNNING":
+        run_id = (result.metrics or {}).get("mlflow_run_id")
+        if run_id and sweep.client.get_run(run_id).info.status == "RUNNING":
             stopped_early = result.metrics.get("iteration", 0) < sweep.cfg.distill.iterations
             sweep.client.set_tag(run_id, "ray_mtt.early_stopped", str(stopped_early).lower())
             sweep.client.set_terminated(run_id, "FAILED" if result.error else "FINISHED")
@@ -310,35 +338,65 @@ def rank_trials(grid) -> list:
     return sorted(ok, key=lambda r: -r.metrics["best_val_acc"])
 
 
-def score_best(grid, sweep: Sweep, parent_run_id: str, zca: tuple | None) -> SweepOutcome:
-    """Score the best trial's set across architectures and log it to its run and the sweep's."""
+def best_set(result, into: Path) -> Path:
+    """The best trial's best.pt, from its last Tune checkpoint (in the sweep's storage, not a worker's disk)."""
+    if result.checkpoint is None:
+        raise UserError(f"trial {result.metrics.get('trial_id')} left no checkpoint in the sweep's storage")
+    into.mkdir(parents=True, exist_ok=True)
+    with result.checkpoint.as_directory() as saved:
+        shutil.copy(Path(saved) / "best.pt", into / "best.pt")
+    return into / "best.pt"
+
+
+def score_best(grid, sweep: Sweep, parent_run_id: str, splits: Splits, resources: dict) -> SweepOutcome:
+    """Score the best trial's set across architectures (as Ray tasks) and log it to its run and the sweep's."""
     ranked = rank_trials(grid)
     best = ranked[0]
     best_cfg = apply_overrides(config_from_dict(sweep.cfg.to_dict()), dict(best.config), "best trial")
-    trial_dir = sweep.trial_dir(best.metrics["trial_id"])
-    scores = cross_architecture(best_cfg, trial_dir / "best.pt", sweep.opts.eval_models, zca_for(best.config, zca))
-    best_run_id = (trial_dir / "mlflow_run_id").read_text().strip()
+    best_path = best_set(best, sweep.dir / "best")
+    scores = cross_architecture(best_cfg, best_path, sweep.opts.eval_models, splits, resources)
+    best_run_id = best.metrics["mlflow_run_id"]
     summary = {"best_val_acc": best.metrics["best_val_acc"], "worst_val_acc": ranked[-1].metrics["best_val_acc"],
                "trials": len(ranked)}
     client = sweep.client
     for run_id in (best_run_id, parent_run_id):
         log_result(client, run_id, scores, summary)
-    client.log_artifact(parent_run_id, str(trial_dir / "best.pt"), artifact_path="distilled")
+    client.log_artifact(parent_run_id, str(best_path), artifact_path="distilled")
     client.set_tag(parent_run_id, "ray_mtt.best_trial_run_id", best_run_id)
     client.set_terminated(parent_run_id)
     return SweepOutcome(ranked, scores, parent_run_id, best_run_id)
 
 
-def cross_architecture(cfg: Config, best_path: Path, models: list[str],
-                       zca: tuple | None = None) -> dict[str, dict[str, Score]]:
-    """The best set and random real on every architecture that fits the images (others are said and skipped)."""
-    device = resolve_device(cfg.device)
-    data = load_dataset(cfg.data, device, zca=zca)
+def score_one(cfg_dict: dict, synthetic: dict, lr: float, model: str, run: int, splits: Splits) -> float:
+    """One evaluation network (a Ray task: any node, the data from the object store)."""
+    cfg = config_from_dict(cfg_dict)
+    data = to_device(splits, resolve_device(cfg.device))
+    images, labels = synthetic["images"].to(data.x_test.device), synthetic["labels"].to(data.x_test.device)
+    return train_and_score(model, images, labels, lr, cfg, data, data.x_test, data.y_test,
+                           evaluation_stream("test", 0, run))
+
+
+def cross_architecture(cfg: Config, best_path: Path, models: list[str], splits: Splits,
+                       resources: dict) -> dict[str, dict[str, Score]]:
+    """The best set and random real on every architecture that fits the images (others are said and
+    skipped), every network a Ray task, so the scoring spreads over the cluster's GPUs."""
     usable = []
     for name in models:
         try:
-            model_for(cfg, data.spec, name)
+            model_for(cfg, splits.spec, name)
             usable.append(name)
         except UserError as e:
             print(f"skipping {name} in the cross-architecture table: {e}")
-    return score_with_baseline(load_synthetic(best_path, device), cfg, data, models=usable, progress=True)
+    saved = load_synthetic(best_path, "cpu")
+    real_x, real_y = random_real_set(cfg, to_device(splits, "cpu"))
+    sets = {"distilled": ({"images": saved["images"], "labels": saved["labels"]}, float(saved["lr"])),
+            "random real": ({"images": real_x, "labels": real_y}, cfg.eval.lr_real)}
+    task = ray.remote(num_cpus=resources["cpu"], num_gpus=resources["gpu"])(score_one)
+    splits_ref, cfg_dict = ray.put(splits), cfg.to_dict()
+    futures = {(name, model): [task.remote(cfg_dict, synthetic, lr, model, run, splits_ref)
+                               for run in range(cfg.eval.num_runs)]
+               for name, (synthetic, lr) in sets.items() for model in usable}
+    try:
+        return {name: {model: Score(model, ray.get(futures[name, model])) for model in usable} for name in sets}
+    except ray.exceptions.RayError as e:
+        raise ray_failure(e, "cross-architecture scoring") from None

@@ -1,0 +1,148 @@
+"""The product on a cluster shaped like a real one (tests/cluster_bed.py): worker nodes that cannot
+see the driver's data or run folders, trajectories and sweep state in S3, GPUs requested and
+waited for, nodes that join and die mid-job. Nothing here may pass by reading a shared disk."""
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow  # a Ray cluster of real nodes per test: minutes
+ray = pytest.importorskip("ray")
+pytest.importorskip("moto")
+
+from ray_mtt.core.trajectories import TrajectoryStore  # noqa: E402
+from ray_mtt.scale.experts_job import JobResources, run_job  # noqa: E402
+from tests.cluster_bed import BUCKET, S3Endpoint, SharedNothingCluster  # noqa: E402
+from tests.helpers import tiny_config  # noqa: E402
+
+EXPERTS, EPOCHS = 4, 3
+
+
+def write_small_mnist(folder):
+    """scikit-learn's real 8x8 digits, upscaled to MNIST's 28x28, as <folder>/mnist.npz: a dataset that
+    exists only on the driver's disk (digits itself ships with the package on every node)."""
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    x = np.kron(np.round(digits.images * 255 / 16), np.ones((3, 3)))  # 24x24
+    x = np.pad(x, ((0, 0), (2, 2), (2, 2))).astype(np.uint8)[..., None]
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(folder / "mnist.npz", x_train=x[:1500], y_train=digits.target[:1500],
+                        x_test=x[1500:], y_test=digits.target[1500:], classes=np.array([str(i) for i in range(10)]))
+
+
+@pytest.fixture
+def s3():
+    endpoint = S3Endpoint()
+    saved = {k: os.environ.get(k) for k in endpoint.env}
+    os.environ.update(endpoint.env)  # the driver's credentials, as on the head node
+    yield endpoint
+    for k, v in saved.items():
+        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    endpoint.stop()
+
+
+@pytest.fixture
+def bed(tmp_path, s3):
+    private = tmp_path / "driver_only"
+    write_small_mnist(private / "data")
+    cluster = SharedNothingCluster(tmp_path, hidden=[private], env=s3.env)
+    cluster.private = private
+    yield cluster
+    cluster.shutdown()
+
+
+def expert_config(bed, prefix="experts", train_per_class=60, experts=EXPERTS):
+    cfg = tiny_config(bed.private, data={"dataset": "mnist", "data_dir": str(bed.private / "data"),
+                                         "val_per_class": 5, "train_per_class": train_per_class},
+                      experts={"num_experts": experts, "epochs": EPOCHS, "batch_size": 16,
+                               "dir": f"s3://{BUCKET}/{prefix}"})
+    cfg.model.width = 8
+    return cfg.absolute_paths()
+
+
+def assert_complete(store: TrajectoryStore, experts: int = EXPERTS) -> dict[int, list[dict]]:
+    assert store.completed() == list(range(experts))
+    epochs = {}
+    for k in store.completed():
+        traj = store.open(k)
+        assert traj.num_snapshots == EPOCHS + 1
+        for e in range(traj.num_snapshots):
+            traj.snapshot(e)  # checks every row's CRC
+        epochs[k] = traj.info["epochs"]
+    return epochs
+
+
+def overlapping(epochs: dict[int, list[dict]]) -> bool:
+    """Whether two experts trained at the same time (their epoch-save windows overlap)."""
+    spans = sorted((e[1]["saved_at"], e[-1]["saved_at"]) for e in epochs.values())
+    return any(a[1] > b[0] for a, b in zip(spans, spans[1:]))
+
+
+def test_experts_train_on_workers_that_cannot_see_the_data_and_land_in_s3(bed, s3):
+    for _ in range(2):
+        bed.add_worker(cpus=1)
+    assert os.path.exists(bed.private / "data" / "mnist.npz")
+    assert not any(bed.sees(bed.private / "data" / "mnist.npz", node) for node in bed.worker_node_ids())
+    cfg = expert_config(bed)
+    store = run_job(cfg, bed.address, JobResources(max_workers=2, min_workers=2, use_gpu="no"))
+    assert overlapping(assert_complete(store))
+    keys = s3.keys("experts/")
+    assert "experts/expert_0003.npy" in keys and any(k.startswith("experts/_ray/") for k in keys)
+    assert not list(bed.private.glob("**/expert_*"))  # nothing written to the driver's disk
+
+
+def test_the_job_asks_for_gpus_waits_for_them_and_grows_as_nodes_join(bed):
+    # 12 experts of ~0.5 s epochs: the job outlasts a node's arrival and Ray Train's resize check.
+    cfg = expert_config(bed, train_per_class=0, experts=12)
+    store = TrajectoryStore(cfg.expert_dir)
+    errors = []
+
+    def job():
+        try:
+            run_job(cfg, bed.address, JobResources(max_workers=2, min_workers=1, use_gpu="yes", resize_check_s=2))
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+
+    thread = threading.Thread(target=job, daemon=True)
+    thread.start()
+    time.sleep(10)
+    assert not store.completed() and not store.saved_epoch_count(0), "trained without a GPU node"
+    bed.add_worker(cpus=1, gpus=1)
+    deadline = time.time() + 120
+    while not store.saved_epoch_count(0) > 1 and time.time() < deadline:
+        time.sleep(0.2)
+    bed.add_worker(cpus=1, gpus=1)  # a second GPU node joins mid-job
+    joined = time.time()
+    thread.join(timeout=600)
+    assert not thread.is_alive() and not errors, errors
+    epochs = assert_complete(store, 12)
+    assert min(e[-1]["saved_at"] for e in epochs.values()) < joined  # it started on the first node alone
+    assert overlapping(epochs), "the job never grew to the second GPU node"
+
+
+def test_losing_a_node_mid_expert_loses_at_most_the_epoch_in_flight(bed):
+    nodes = [bed.add_worker(cpus=1) for _ in range(2)]
+    cfg = expert_config(bed)
+    store = TrajectoryStore(cfg.expert_dir)
+    saved_before, killed = {}, threading.Event()
+
+    def kill_when_mid_expert():
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            partial = {k: store.saved_epochs(k) for k in store.unfinished(EXPERTS)}
+            if any(len(saved) >= 2 for saved in partial.values()):
+                saved_before.update({k: s for k, s in partial.items() if s})
+                nodes[0].kill()
+                killed.set()
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=kill_when_mid_expert, daemon=True).start()
+    run_job(cfg, bed.address, JobResources(max_workers=2, min_workers=1, use_gpu="no", max_failures=3))
+    assert killed.is_set()
+    epochs = assert_complete(store)
+    for k, saved in saved_before.items():
+        for before in saved:
+            assert epochs[k][before["epoch"]].get("saved_at") == before.get("saved_at"), f"expert {k} redid an epoch"
