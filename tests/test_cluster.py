@@ -2,8 +2,12 @@
 see the driver's data or run folders, trajectories and sweep state in S3, GPUs requested and
 waited for, nodes that join and die mid-job. Nothing here may pass by reading a shared disk."""
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -11,11 +15,13 @@ import pytest
 pytestmark = pytest.mark.slow  # a Ray cluster of real nodes per test: minutes
 ray = pytest.importorskip("ray")
 pytest.importorskip("moto")
+mlflow = pytest.importorskip("mlflow")
+from mlflow.tracking import MlflowClient  # noqa: E402
 
 from ray_mtt.core.trajectories import TrajectoryStore  # noqa: E402
 from ray_mtt.scale.experts_job import JobResources, run_job  # noqa: E402
-from tests.cluster_bed import BUCKET, S3Endpoint, SharedNothingCluster  # noqa: E402
-from tests.helpers import tiny_config  # noqa: E402
+from tests.cluster_bed import BUCKET, S3Endpoint, SharedNothingCluster, free_port  # noqa: E402
+from tests.helpers import REPO, tiny_config  # noqa: E402
 
 EXPERTS, EPOCHS = 4, 3
 
@@ -146,3 +152,75 @@ def test_losing_a_node_mid_expert_loses_at_most_the_epoch_in_flight(bed):
     for k, saved in saved_before.items():
         for before in saved:
             assert epochs[k][before["epoch"]].get("saved_at") == before.get("saved_at"), f"expert {k} redid an epoch"
+
+
+def mlflow_server(tmp_path, s3) -> tuple[subprocess.Popen, str]:
+    """An MLflow server as on the head node: runs in a sqlite file on its disk, artifacts in the bucket."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                               f"sqlite:///{tmp_path / 'mlflow.db'}", "--artifacts-destination",
+                               f"s3://{BUCKET}/mlflow", "--host", "127.0.0.1", "--port", str(port)],
+                              cwd=tmp_path, env={**os.environ, **s3.env}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    for _ in range(240):
+        try:
+            if urllib.request.urlopen(f"{uri}/health", timeout=1).status == 200:
+                return server, uri
+        except OSError:
+            time.sleep(0.5)
+    os.killpg(server.pid, signal.SIGKILL)
+    pytest.fail("mlflow server did not answer /health in 120 s")
+
+
+def sweep_command(bed, *extra) -> list[str]:
+    private = bed.private
+    return [sys.executable, "-m", "ray_mtt.tune", "--address", bed.address, "--run_dir", str(private / "runs"),
+            "--dataset", "mnist", "--data-dir", str(private / "data"), "--data.val_per_class", "5",
+            "--data.train_per_class", "60", "--model.width", "8", "--experts.dir", f"s3://{BUCKET}/experts",
+            "--experts.num_experts", "2", "--experts.epochs", "3", "--experts.batch_size", "16",
+            "--distill.syn_steps", "2", "--distill.iterations", "8", "--distill.eval_every", "2",
+            "--distill.eval_runs", "1", "--eval.num_runs", "1", "--eval.epochs", "5", "--device", "cpu",
+            "--space", "distill.expert_epochs=1", "--space", "distill.max_start_epoch=choice:1,2",
+            "--eval-models", "convnet,alexnet", "--name", "bed", *extra]
+
+
+def test_a_sweep_on_nodes_that_share_nothing_survives_losing_one(bed, s3, tmp_path):
+    nodes = [bed.add_worker(cpus=1) for _ in range(2)]
+    env = {**os.environ, **s3.env, "RAY_AUTH_MODE": "disabled"}
+    # A file tracking store on a multi-node cluster is refused before anything runs.
+    refused = subprocess.run(sweep_command(bed, "--num-samples", "1", "--storage", f"s3://{BUCKET}/sweeps"),
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "run `mlflow server` on the head" in refused.stderr, refused.stderr[-2000:]
+    server, uri = mlflow_server(tmp_path, s3)
+    try:
+        sweep = subprocess.Popen(sweep_command(bed, "--num-samples", "3", "--make-experts", "--max-concurrent", "2",
+                                               "--storage", f"s3://{BUCKET}/sweeps", "--tracking-uri", uri),
+                                 cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 300
+        while not any("checkpoint_" in k for k in s3.keys("sweeps/bed/")) and time.time() < deadline:
+            time.sleep(0.5)
+        nodes[0].kill()  # mid-trial: the sweep must finish on the node that is left
+        output, _ = sweep.communicate(timeout=900)
+        assert sweep.returncode == 0, output[-4000:]
+        assert "best trial" in output
+        check_tracked(MlflowClient(uri), s3)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    assert any(k.endswith("experiment_state.json") or "experiment_state" in k for k in s3.keys("sweeps/bed/"))
+    assert not (bed.private / "runs" / "tune" / "bed" / "trials").exists()  # no trial wrote the driver's disk
+
+
+def check_tracked(client, s3) -> None:
+    experiment = client.get_experiment_by_name("ray_mtt")
+    parent, = client.search_runs([experiment.experiment_id], filter_string="tags.`ray_mtt.kind` = 'sweep'")
+    kids = client.search_runs([experiment.experiment_id],
+                              filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(kids) == 3 and all(k.info.status == "FINISHED" for k in kids)
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+    best = parent.data.tags["ray_mtt.best_trial_run_id"]
+    assert "alexnet" in open(client.download_artifacts(best, "accuracy_by_architecture.json")).read()
+    keys = s3.keys("mlflow/")
+    assert any(k.endswith("distilled/best.pt") for k in keys)  # artifacts landed in the bucket
+    assert any("/synthetic/" in k and k.endswith(".png") for k in keys)

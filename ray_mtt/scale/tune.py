@@ -7,6 +7,7 @@ for the best trial a test-accuracy table over architectures.
 """
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -229,7 +230,19 @@ class Sweep:
         self.cfg, self.opts = cfg, opts
         self.dir = Path(cfg.run_dir) / "tune" / opts.name
         self.storage = opts.storage or str(Path(cfg.run_dir) / "tune" / "ray")
-        self.client, self.experiment_id = open_experiment(opts.tracking_uri, cfg.run_dir)
+
+    @functools.cached_property
+    def _tracking(self) -> tuple:
+        """(client, experiment id), opened on first use: after the checks that the cluster can reach it."""
+        return open_experiment(self.opts.tracking_uri, self.cfg.run_dir)
+
+    @property
+    def client(self):
+        return self._tracking[0]
+
+    @property
+    def experiment_id(self) -> str:
+        return self._tracking[1]
 
     def parent_run(self, space: dict) -> str:
         """The sweep's MLflow run: the one recorded in its folder on --resume, else a new one."""
@@ -293,13 +306,13 @@ def check_shared(opts: SweepOptions, storage: str) -> None:
 def run_sweep(cfg: Config, opts: SweepOptions) -> SweepOutcome:
     """Read the data once, make experts if asked, run (or resume) the sweep, score the best trial."""
     splits = read_splits(cfg.data)  # checks the data first; fits ZCA once for all trials
-    if opts.make_experts and not TrajectoryStore(cfg.expert_dir).completed():
-        run_job(cfg, opts.address)
-    space = full_space(cfg, opts.user_space)
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     connect(opts.address)
     sweep = Sweep(cfg, opts)
-    check_shared(opts, sweep.storage)
+    check_shared(opts, sweep.storage)  # before anything runs
+    if opts.make_experts and not TrajectoryStore(cfg.expert_dir).completed():
+        run_job(cfg, opts.address)
+    space = full_space(cfg, opts.user_space)
     resources = trial_resources(opts, cfg)
     parent_run_id = sweep.parent_run(space)
     trainable = tune.with_resources(
