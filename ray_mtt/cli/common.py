@@ -107,7 +107,7 @@ def add_tracking_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def open_tracking(tracking_uri: str | None, cfg: Config, run_name: str):
-    """(client, run id) of a new MLflow run, or None when tracking is off or mlflow is absent.
+    """A TrackedRun (scale/tracking.py), or None when tracking is off or mlflow is absent.
     mlflow is imported only here, so the algorithm keeps running on a box with only torch."""
     if tracking_uri == "none":
         return None
@@ -118,39 +118,29 @@ def open_tracking(tracking_uri: str | None, cfg: Config, run_name: str):
             raise UserError("--tracking-uri needs mlflow (pip install mlflow); or pass --tracking-uri none") from None
         print("mlflow is not installed: not tracking this run")
         return None
-    uri = tracking_uri or tracking.default_tracking_uri(cfg.run_dir)
-    client, experiment_id = tracking.open_experiment(uri, cfg.run_dir)
-    run_id = tracking.start_run(client, experiment_id, run_name, tracking.flat_config(cfg),
-                                tags={"ray_mtt.kind": "distill"})
-    print(f"MLflow run {run_id} in {uri}")
-    return client, run_id
+    return tracking.TrackedRun(tracking_uri or tracking.default_tracking_uri(cfg.run_dir), cfg, run_name)
 
 
 @contextlib.contextmanager
 def tracked_run(tracking_uri: str | None, cfg: Config, run_name: str):
-    """open_tracking's run, closed as FAILED (KILLED on Ctrl-C) when the work inside raises, so no
-    run is left RUNNING in the UI; the caller closes it with finish_tracking on success."""
+    """open_tracking's run, closed as FAILED (KILLED on Ctrl-C) when the work inside raises; the
+    caller closes it with finish_tracking on success."""
     tracked = open_tracking(tracking_uri, cfg, run_name)
     try:
         yield tracked
     except BaseException as e:
         if tracked is not None:
-            tracked[0].set_terminated(tracked[1], "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            tracked.close("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
 
 
 def reporter_for(tracked, data: Dataset, cfg: Config) -> Reporter | None:
-    if tracked is None:
-        return None
-    from ..scale.tracking import MlflowReporter
-    return MlflowReporter(tracked[0], tracked[1], data.preprocess, cfg.distill.ipc)
+    return None if tracked is None else tracked.reporter(data, cfg.distill.ipc)
 
 
 def finish_tracking(tracked, scores: dict, summary: dict) -> None:
     if tracked is not None:
-        from ..scale.tracking import log_result
-        log_result(tracked[0], tracked[1], scores, summary)
-        tracked[0].set_terminated(tracked[1])
+        tracked.finish(scores, summary)
 
 
 # ---------------------------------------------------------------- where experts train

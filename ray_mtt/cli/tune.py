@@ -61,8 +61,7 @@ def print_outcome(outcome: SweepOutcome, num_runs: int, tracking_uri: str) -> No
     print(f"\nbest trial {best.metrics['trial_id']}: val acc {100 * best.metrics['best_val_acc']:.1f} %, "
           f"worst {100 * ranked[-1].metrics['best_val_acc']:.1f} %; test accuracy over {num_runs} networks:")
     print(format_table(outcome.scores))
-    print(f"MLflow: {tracking_uri} (parent run {outcome.parent_run_id}); open it with "
-          f"`mlflow ui --backend-store-uri {tracking_uri}`")
+    print(f"MLflow: {tracking_uri} (parent run {outcome.parent_run_id})\n{outcome.ui_hint}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,18 +7,21 @@ folder beside it, so nothing needs a server; `--tracking-uri http://host:port` l
 from __future__ import annotations
 
 import logging
+import math
+import socket
 import tempfile
 import time
 from pathlib import Path
 
 import mlflow
+import mlflow.data
 import numpy as np
 import torch
-from mlflow.entities import Metric, Param
+from mlflow.entities import DatasetInput, InputTag, Metric, Param
 from mlflow.tracking import MlflowClient
 
 from ..core.config import Config
-from ..core.data import Preprocess
+from ..core.data import Dataset, Preprocess
 from ..core.distill import Reporter
 from ..core.evaluate import Score
 from ..core.export import image_grid as grid_of_pixels
@@ -34,7 +37,7 @@ def default_tracking_uri(run_dir: str | Path) -> str:
 
 def open_experiment(tracking_uri: str, run_dir: str | Path, name: str = EXPERIMENT) -> tuple[MlflowClient, str]:
     """The client and experiment id; a local store keeps artifacts under <run_dir>/mlartifacts."""
-    for logger in ("alembic", "mlflow.store.db.utils"):  # schema-migration chatter on a new sqlite store
+    for logger in ("alembic", "mlflow.store.db.utils", "mlflow.system_metrics"):  # chatter on every run
         logging.getLogger(logger).setLevel(logging.WARNING)
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
@@ -47,13 +50,44 @@ def open_experiment(tracking_uri: str, run_dir: str | Path, name: str = EXPERIME
 
 
 def flat_config(cfg: Config) -> dict[str, str]:
+    """Every config value as a param, plus log10 of the learning rates: on a linear axis 1e-7 and
+    1e-5 both read 0.00000, so compare views plot the exponents."""
     flat = {}
     for section, values in cfg.to_dict().items():
         if isinstance(values, dict):
             flat.update({f"{section}.{k}": ",".join(v) if isinstance(v, list) else str(v) for k, v in values.items()})
         else:
             flat[section] = str(values)
+    for name in ("lr_img", "lr_lr", "lr_teacher"):
+        value = getattr(cfg.distill, name)
+        flat[f"distill.log10_{name}"] = f"{math.log10(value):.3f}" if value > 0 else "-inf"
     return flat
+
+
+def ui_hint(tracking_uri: str, experiment_id: str) -> str:
+    """How to open the runs: the command that serves the UI, and the URL of the experiment's runs
+    table in "Model training" mode (MLflow 3.17 otherwise opens its GenAI traces view)."""
+    serve = (f"mlflow ui --backend-store-uri {tracking_uri}" if not tracking_uri.startswith("http")
+             else "(the server at that address)")
+    base = tracking_uri if tracking_uri.startswith("http") else "http://127.0.0.1:5000"
+    return f"MLflow UI: {serve}, then {base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def log_dataset(client: MlflowClient, run_id: str, images: np.ndarray, labels: np.ndarray, name: str,
+                context: str) -> None:
+    """Record a dataset as a run input, with its digest, so the UI shows lineage."""
+    dataset = mlflow.data.from_numpy(images, targets=labels, name=name)
+    client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context",
+                                                                                        context)])])
+
+
+def system_metrics(run_id: str, tracking_uri: str):
+    """CPU/GPU utilisation and memory of this process's node, logged into the run until .finish()."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=10, node_id=socket.gethostname(),
+                                   tracking_uri=tracking_uri)
+    monitor.start()
+    return monitor
 
 
 def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
@@ -80,24 +114,55 @@ def image_grid(images: torch.Tensor, preprocess: Preprocess, ipc: int) -> np.nda
 
 
 class MlflowReporter(Reporter):
-    """Logs a distillation run: metrics per iteration, an image grid at every evaluation."""
+    """Logs a distillation run: metrics per iteration (learned lr also as log10), the set's image grid
+    at every evaluation as a stepped image (the UI's slider shows it evolve), the best set as an
+    artifact and as a dataset input beside the real training split."""
 
-    def __init__(self, client: MlflowClient, run_id: str, preprocess: Preprocess, ipc: int):
-        self.client, self.run_id, self.preprocess, self.ipc = client, run_id, preprocess, ipc
+    def __init__(self, client: MlflowClient, run_id: str, data: Dataset, ipc: int):
+        self.client, self.run_id, self.preprocess, self.ipc = client, run_id, data.preprocess, ipc
+        log_dataset(client, run_id, data.x_train.cpu().numpy(), data.y_train.cpu().numpy(),
+                    f"{data.spec.name} training split", "training")
 
     def step(self, iteration: int, metrics: dict[str, float]) -> None:
-        log_metrics(self.client, self.run_id, metrics, iteration)
+        lr = metrics.get("syn_lr", 0)
+        log_metrics(self.client, self.run_id, {**metrics, **({"log10_syn_lr": math.log10(lr)} if lr > 0 else {})},
+                    iteration)
 
     def evaluation(self, iteration: int, metrics: dict[str, float], synthetic: dict) -> None:
         log_metrics(self.client, self.run_id, metrics, iteration)
         grid = image_grid(synthetic["images"], self.preprocess, self.ipc)
+        self.client.log_image(self.run_id, grid, key="synthetic", step=iteration)
         self.client.log_image(self.run_id, grid, artifact_file=f"synthetic/iter_{iteration:06d}.png")
         if metrics["val_acc"] >= metrics["best_val_acc"]:
+            log_dataset(self.client, self.run_id, synthetic["images"].numpy(), synthetic["labels"].numpy(),
+                        f"distilled set, iteration {iteration}", "distilled")
             # Logged as soon as it is the best, so a trial that early stopping ends keeps its set.
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "best.pt"
                 torch.save({**synthetic, "iteration": iteration, "val_acc": metrics["val_acc"]}, path)
                 self.client.log_artifact(self.run_id, str(path), artifact_path="distilled")
+
+
+class TrackedRun:
+    """The MLflow run of one command: opened with system metrics on, closed FINISHED on success,
+    FAILED or KILLED when the work inside raised, so no run is left RUNNING in the UI."""
+
+    def __init__(self, tracking_uri: str, cfg: Config, name: str, kind: str = "distill"):
+        self.client, experiment_id = open_experiment(tracking_uri, cfg.run_dir)
+        self.run_id = start_run(self.client, experiment_id, name, flat_config(cfg), tags={"ray_mtt.kind": kind})
+        self.monitor = system_metrics(self.run_id, tracking_uri)
+        print(f"MLflow run {self.run_id} in {tracking_uri}\n{ui_hint(tracking_uri, experiment_id)}", flush=True)
+
+    def reporter(self, data: Dataset, ipc: int) -> "MlflowReporter":
+        return MlflowReporter(self.client, self.run_id, data, ipc)
+
+    def finish(self, scores: dict, summary: dict) -> None:
+        log_result(self.client, self.run_id, scores, summary)
+        self.close("FINISHED")
+
+    def close(self, status: str) -> None:
+        self.monitor.finish()
+        self.client.set_terminated(self.run_id, status)
 
 
 def log_result(client: MlflowClient, run_id: str, scores: dict[str, dict[str, Score]],

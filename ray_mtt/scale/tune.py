@@ -29,7 +29,7 @@ from ..core.train import resolve_device
 from ..core.storage import is_uri
 from ..core.trajectories import TrajectoryStore
 from .experts_job import connect, ray_failure, run_job, want_gpus
-from .tracking import MlflowReporter, flat_config, log_result, open_experiment, start_run
+from .tracking import MlflowReporter, flat_config, log_result, open_experiment, start_run, system_metrics, ui_hint
 
 CROSS_ARCH = ["convnet", "resnet18", "vgg11", "alexnet"]
 SWEPT = ("distill.syn_steps", "distill.expert_epochs", "distill.max_start_epoch", "distill.lr_img",
@@ -146,8 +146,12 @@ def run_trial(config: dict, base: dict, tracking_uri: str, parent_run_id: str, s
         run_id = start_run(client, experiment_id, f"trial {trial_id}", {**flat_config(cfg), "trial_id": trial_id},
                            parent_run_id=parent_run_id)
         run_file.write_text(run_id)
-    reporter = TuneReporter(MlflowReporter(client, run_id, data.preprocess, cfg.distill.ipc), out, run_id)
-    distill(cfg, data, reporter=reporter, progress=False)
+    reporter = TuneReporter(MlflowReporter(client, run_id, data, cfg.distill.ipc), out, run_id)
+    monitor = system_metrics(run_id, tracking_uri)
+    try:
+        distill(cfg, data, reporter=reporter, progress=False)
+    finally:
+        monitor.finish()
     client.set_tag(run_id, "ray_mtt.early_stopped", "false")
     client.set_terminated(run_id)
 
@@ -220,6 +224,7 @@ class SweepOutcome:
     scores: dict[str, dict[str, Score]]  # the best trial's set and random real, per architecture
     parent_run_id: str
     best_run_id: str
+    ui_hint: str  # how to open the runs in the MLflow UI
 
 
 class Sweep:
@@ -318,10 +323,13 @@ def run_sweep(cfg: Config, opts: SweepOptions) -> SweepOutcome:
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=cfg.to_dict(), tracking_uri=opts.tracking_uri,
                              parent_run_id=parent_run_id, splits=splits), resources)
+    monitor = system_metrics(parent_run_id, opts.tracking_uri)
     try:
         grid = sweep.tuner(trainable, space).fit()
     except ray.exceptions.RayError as e:
         raise ray_failure(e, f"sweep {opts.name!r}") from None
+    finally:
+        monitor.finish()
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Tune leaves its handler: let Ctrl-C stop the scoring
     unfinished = opts.num_samples - grid.num_terminated - grid.num_errors
     if unfinished > 0:  # Tune returns normally after Ctrl-C, having saved the experiment state
@@ -377,7 +385,8 @@ def score_best(grid, sweep: Sweep, parent_run_id: str, splits: Splits, resources
     client.log_artifact(parent_run_id, str(best_path), artifact_path="distilled")
     client.set_tag(parent_run_id, "ray_mtt.best_trial_run_id", best_run_id)
     client.set_terminated(parent_run_id)
-    return SweepOutcome(ranked, scores, parent_run_id, best_run_id)
+    return SweepOutcome(ranked, scores, parent_run_id, best_run_id,
+                        ui_hint(sweep.opts.tracking_uri, sweep.experiment_id))
 
 
 def score_one(cfg_dict: dict, synthetic: dict, lr: float, model: str, run: int, splits: Splits) -> float:
