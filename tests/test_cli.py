@@ -1,10 +1,11 @@
 """Every bad input a user can make gives one line naming the problem and the fix, exit code 2."""
 import pickle
+from pathlib import Path
 
 import pytest
 
 from ray_mtt.core.experts import train_experts
-from tests.helpers import assert_one_line_error, run_cli, tiny_config
+from tests.helpers import REPO, assert_one_line_error, run_cli, tiny_config
 
 TINY = ["--model.width", "16", "--experts.num_experts", "1", "--experts.epochs", "3", "--distill.syn_steps", "2",
         "--distill.expert_epochs", "1", "--distill.max_start_epoch", "2", "--distill.iterations", "1",
@@ -134,3 +135,25 @@ def test_field_help_covers_every_config_field():
         helps = field_help(cls)
         missing = [f.name for f in dataclasses.fields(cls) if f.name not in SECTIONS and not helps.get(f.name)]
         assert missing == [], f"{cls.__name__} fields without a comment: {missing}"
+
+
+@pytest.mark.slow
+def test_a_dead_recorded_local_cluster_starts_a_fresh_one_instead_of_hanging(tmp_path):
+    """A local Ray cluster that died uncleanly stays recorded in Ray's temp folder, and ray.init()
+    then retried it for minutes; now the command says so and starts a fresh cluster."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    ray_tmp = tempfile.mkdtemp(prefix="rmtt", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    (Path(ray_tmp) / "ray").mkdir()
+    (Path(ray_tmp) / "ray" / "ray_current_cluster").write_text("127.0.0.1:1")  # nobody answers there
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    start = time.time()
+    result = subprocess.run([sys.executable, "-m", "ray_mtt.experts", "--run_dir", str(tmp_path), *TINY],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "does not answer: starting a fresh local one" in result.stdout
+    assert "1 experts in" in result.stdout and time.time() - start < 180

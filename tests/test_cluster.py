@@ -18,10 +18,11 @@ pytest.importorskip("moto")
 mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from ray_mtt.core.errors import UserError  # noqa: E402
 from ray_mtt.core.trajectories import TrajectoryStore  # noqa: E402
 from ray_mtt.scale.experts_job import JobResources, run_job  # noqa: E402
 from tests.cluster_bed import BUCKET, S3Endpoint, SharedNothingCluster, free_port  # noqa: E402
-from tests.helpers import REPO, tiny_config  # noqa: E402
+from tests.helpers import REPO, needs_ffcv, tiny_config  # noqa: E402
 
 EXPERTS, EPOCHS = 4, 3
 
@@ -224,3 +225,21 @@ def check_tracked(client, s3) -> None:
     keys = s3.keys("mlflow/")
     assert any(k.endswith("distilled/best.pt") for k in keys)  # artifacts landed in the bucket
     assert any("/synthetic/" in k and k.endswith(".png") for k in keys)
+
+
+def test_a_local_store_that_workers_cannot_see_is_a_one_line_error(bed):
+    bed.add_worker(cpus=1)
+    cfg = expert_config(bed)
+    cfg.experts.dir = str(bed.private / "experts")  # the driver's disk, hidden from the worker
+    with pytest.raises(UserError, match="1 of 1 nodes cannot see; pass --storage s3://"):
+        run_job(cfg, bed.address, JobResources(use_gpu="no"))
+
+
+@needs_ffcv
+def test_a_beton_written_once_reaches_workers_through_the_bucket(bed, s3):
+    bed.add_worker(cpus=1)
+    cfg = expert_config(bed, prefix="beton_experts")
+    cfg.data.loader = "ffcv"
+    store = run_job(cfg, bed.address, JobResources(max_workers=1, use_gpu="no"))
+    assert_complete(store)
+    assert [k for k in s3.keys("beton_experts/_data/") if k.endswith(".beton")]

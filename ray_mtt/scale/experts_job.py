@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import ray
 import torch
 import torch.distributed as dist
@@ -32,6 +33,7 @@ from ..core.config import Config, config_from_dict
 from ..core.data import read_splits, to_device
 from ..core.errors import UserError
 from ..core.experts import epoch_batches, open_store_for_training, train_expert
+from ..core.storage import is_uri, open_storage
 from ..core.trajectories import TrajectoryStore
 
 
@@ -87,6 +89,49 @@ def ray_failure(e: BaseException, what: str) -> UserError:
                      f"rerun the same command to resume")
 
 
+def publish_beton(cfg: Config, store_root: str) -> str | None:
+    """Write the .beton once, here; when the store is a URI also copy it beside the trajectories
+    (`<store>/_data/`), where every node fetches it: no worker can read the driver's disk."""
+    from ..core.beton import ensure_beton
+    path = ensure_beton(cfg)
+    if not is_uri(store_root):
+        return None
+    uri = f"{store_root.rstrip('/')}/_data/{path.name}"
+    storage = open_storage(uri.rsplit("/", 1)[0])
+    if not storage.exists(path.name):
+        pafs.copy_files(str(path), uri)
+    return uri
+
+
+def fetch_beton(uri: str, cfg: Config) -> None:
+    """On a worker: copy the published .beton to this node's disk once (FFCV memory-maps a local
+    file), and point the config at that copy."""
+    local = Path(tempfile.gettempdir()) / "ray_mtt_beton"
+    target = local / uri.rsplit("/", 1)[1]
+    if not target.is_file():
+        local.mkdir(parents=True, exist_ok=True)
+        partial = local / f".{target.name}.{os.getpid()}.tmp"
+        pafs.copy_files(uri, str(partial))
+        os.replace(partial, target)  # concurrent workers of one node: each copy complete, the last one wins
+    cfg.data.beton_dir = str(local)
+
+
+def check_store_reachable(store: TrajectoryStore) -> None:
+    """A store on a local path must be the same folder on every node (a shared mount); a node that
+    cannot see it would write trajectories nobody else reads. Ask each node, in seconds."""
+    if is_uri(store.root):
+        return
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    marker = str(Path(store.root) / "store.json")
+    nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+    probe = ray.remote(num_cpus=0)(os.path.isfile)
+    seen = ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+                    .remote(marker) for node in nodes], timeout=120)
+    if not all(seen):
+        raise UserError(f"the trajectory store {store.root} is a local folder that {seen.count(False)} of "
+                        f"{len(nodes)} nodes cannot see; pass --storage s3://BUCKET/PATH (or a shared mount)")
+
+
 def plan_rounds(store: TrajectoryStore, cfg: Config, world: int) -> list[list[int]]:
     """The unfinished experts, in rounds of at most one expert per worker."""
     todo = store.unfinished(cfg.experts.num_experts)
@@ -105,6 +150,8 @@ def expert_worker(loop_config: dict) -> None:
     The data comes from Ray's object store (the driver read it once), never from this node's disk."""
     cfg = config_from_dict(loop_config["config"])
     torch.set_num_threads(loop_config["threads"])
+    if loop_config.get("beton_uri"):
+        fetch_beton(loop_config["beton_uri"], cfg)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     data = to_device(ray.get(loop_config["splits"]), worker_device(cfg))
@@ -216,12 +263,14 @@ def run_job(cfg: Config, address: str | None = None, resources: JobResources | N
     resources = resources or JobResources()
     # The driver reads the data once (bad names, paths and files fail here, before Ray starts);
     # workers get it through Ray's object store.
+    start = time.perf_counter()
     splits = read_splits(cfg.data, keep_train=cfg.data.loader == "tensor")
+    print(f"data: {cfg.data.dataset} read once by the driver in {time.perf_counter() - start:.1f} s "
+          f"({splits.nbytes / 2**20:.0f} MiB); workers get it through Ray's object store", flush=True)
     store = open_store_for_training(cfg, splits.spec)
-    if cfg.data.loader == "ffcv":
-        from ..core.beton import ensure_beton
-        ensure_beton(cfg)  # written once here; workers on nodes that cannot see beton_dir write their own
+    beton_uri = publish_beton(cfg, store.root) if cfg.data.loader == "ffcv" else None
     connect(address)
+    check_store_reachable(store)
     todo = store.unfinished(cfg.experts.num_experts)
     if not todo:
         return store
@@ -230,7 +279,7 @@ def run_job(cfg: Config, address: str | None = None, resources: JobResources | N
         trainer = TorchTrainer(
             expert_worker,
             train_loop_config={"config": cfg.to_dict(), "threads": max(1, int(resources.cpus_per_worker)),
-                               "splits": ray.put(splits)},
+                               "splits": ray.put(splits), "beton_uri": beton_uri},
             torch_config=TorchConfig(backend="gloo"),  # only a barrier crosses workers; gloo runs everywhere
             scaling_config=scaling,
             run_config=RunConfig(name=f"experts_{cfg.data.dataset}_{cfg.model.name}",
