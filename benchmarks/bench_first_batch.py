@@ -56,12 +56,16 @@ def first_batch_seconds(dataset: str, data_dir: Path, workdir: Path) -> dict:
         cfg.data.dataset, cfg.data.data_dir = dataset, str(data_dir)
         cfg.model.width, cfg.experts.num_experts, cfg.experts.epochs = 8, 1, 1
         cfg.experts.dir = f"s3://{BUCKET}/{dataset}"
+        from ray_mtt.core.data import read_splits
+        t0 = time.time()
+        nbytes = read_splits(cfg.data).nbytes  # the driver's share, timed on its own (run_job reads again)
+        read_s = time.time() - t0
         start = time.time()
         run_job(cfg.validate().absolute_paths(), bed.address, JobResources(max_workers=1, use_gpu="no"),
                 progress_every_s=3600)
         first = TrajectoryStore(cfg.experts.dir).open(0).info["epochs"][1]
-        return {"dataset": dataset, "job_seconds": time.time() - start, "first_step_at": first.get("first_step_at"),
-                "seconds_to_first_step": first["first_step_at"] - start}
+        return {"dataset": dataset, "driver_read_seconds": read_s, "data_mib": nbytes / 2**20,
+                "seconds_to_first_step": first["first_step_at"] - start, "job_seconds": time.time() - start}
     finally:
         bed.shutdown()
         s3.stop()

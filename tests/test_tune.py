@@ -105,11 +105,11 @@ def test_interrupted_sweep_resumes_without_losing_finished_trials(tmp_path):
     args[args.index("--max-concurrent") + 1] = "1"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    trials = tmp_path / "tune" / "digits_ipc1" / "trials"
+    storage = tmp_path / "tune" / "ray" / "digits_ipc1"  # Tune's state and the trials' checkpoints
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if trials.is_dir() and any((t / "best.pt").is_file() and (t / "checkpoint.pt").is_file()
-                                   and len(list(trials.iterdir())) >= 2 for t in trials.iterdir()):
+        trials = [t for t in storage.glob("*") if t.is_dir()] if storage.is_dir() else []
+        if len(trials) >= 2 and any(storage.glob("*/checkpoint_*/checkpoint.pt")):  # one trial is under way
             break
         time.sleep(0.5)
     assert proc.poll() is None, "sweep ended before it could be interrupted"

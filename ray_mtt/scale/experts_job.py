@@ -266,7 +266,7 @@ def run_job(cfg: Config, address: str | None = None, resources: JobResources | N
     start = time.perf_counter()
     splits = read_splits(cfg.data, keep_train=cfg.data.loader == "tensor")
     print(f"data: {cfg.data.dataset} read once by the driver in {time.perf_counter() - start:.1f} s "
-          f"({splits.nbytes / 2**20:.0f} MiB); workers get it through Ray's object store", flush=True)
+          f"({splits.nbytes / 2**20:.1f} MiB); workers get it through Ray's object store", flush=True)
     store = open_store_for_training(cfg, splits.spec)
     beton_uri = publish_beton(cfg, store.root) if cfg.data.loader == "ffcv" else None
     connect(address)
