@@ -243,3 +243,30 @@ def test_a_beton_written_once_reaches_workers_through_the_bucket(bed, s3):
     store = run_job(cfg, bed.address, JobResources(max_workers=1, use_gpu="no"))
     assert_complete(store)
     assert [k for k in s3.keys("beton_experts/_data/") if k.endswith(".beton")]
+
+
+def test_a_dead_node_under_a_job_out_of_retries_is_one_line_and_rerunning_resumes(bed, s3):
+    """The node dies (as under Ray's memory monitor or a lost raylet) with no restarts left: the
+    command ends in one line saying what happened and how to resume, not a Ray traceback."""
+    node = bed.add_worker(cpus=1)
+    cfg = expert_config(bed, prefix="dead_node")
+    store = TrajectoryStore(cfg.expert_dir)
+    command = [sys.executable, "-m", "ray_mtt.experts", "--address", bed.address, "--max-failures", "0",
+               "--use-gpu", "no", "--dataset", "mnist", "--data-dir", cfg.data.data_dir,
+               "--data.val_per_class", "5", "--data.train_per_class", "60", "--model.width", "8",
+               "--num-experts", str(EXPERTS), "--epochs", str(EPOCHS), "--experts.batch_size", "16",
+               "--storage", cfg.expert_dir, "--run_dir", cfg.run_dir, "--device", "cpu"]
+    env = {**os.environ, **s3.env, "RAY_AUTH_MODE": "disabled"}
+    driver = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not any(store.saved_epoch_count(k) > 1 for k in range(EXPERTS)) and time.time() < deadline:
+        time.sleep(0.1)
+    node.kill()
+    _, stderr = driver.communicate(timeout=600)
+    lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert driver.returncode == 2 and len(lines) == 1, stderr[-3000:]
+    assert "rerun the same command to resume" in lines[0] and "Traceback" not in stderr
+    bed.add_worker(cpus=1)
+    rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert_complete(store)
