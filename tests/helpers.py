@@ -70,3 +70,17 @@ def write_cifar10(root, n_per_batch=20):
 def write_jpeg(path, color, size=(80, 64)):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", size, color).save(path)
+
+
+def assert_store_complete(store, experts: int, epochs: int) -> dict[int, list[dict]]:
+    """Experts 0..experts-1 finished, each with epochs + 1 rows that pass their checksums; returns
+    each expert's per-epoch records."""
+    assert store.completed() == list(range(experts))
+    records = {}
+    for k in store.completed():
+        traj = store.open(k)
+        assert traj.num_snapshots == epochs + 1
+        for e in range(traj.num_snapshots):
+            traj.snapshot(e)  # checks every row's CRC
+        records[k] = traj.info["epochs"]
+    return records

@@ -22,7 +22,7 @@ from ray_mtt.core.errors import UserError  # noqa: E402
 from ray_mtt.core.trajectories import TrajectoryStore  # noqa: E402
 from ray_mtt.scale.experts_job import JobResources, run_job  # noqa: E402
 from tests.cluster_bed import BUCKET, S3Endpoint, SharedNothingCluster, free_port  # noqa: E402
-from tests.helpers import REPO, needs_ffcv, tiny_config  # noqa: E402
+from tests.helpers import REPO, assert_store_complete, needs_ffcv, tiny_config  # noqa: E402
 
 EXPERTS, EPOCHS = 4, 3
 
@@ -70,15 +70,7 @@ def expert_config(bed, prefix="experts", train_per_class=60, experts=EXPERTS):
 
 
 def assert_complete(store: TrajectoryStore, experts: int = EXPERTS) -> dict[int, list[dict]]:
-    assert store.completed() == list(range(experts))
-    epochs = {}
-    for k in store.completed():
-        traj = store.open(k)
-        assert traj.num_snapshots == EPOCHS + 1
-        for e in range(traj.num_snapshots):
-            traj.snapshot(e)  # checks every row's CRC
-        epochs[k] = traj.info["epochs"]
-    return epochs
+    return assert_store_complete(store, experts, EPOCHS)
 
 
 def overlapping(epochs: dict[int, list[dict]]) -> bool:

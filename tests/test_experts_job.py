@@ -17,7 +17,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from ray_mtt.scale.experts_job import JobResources, run_job  # noqa: E402
 from ray_mtt.core.trajectories import TrajectoryStore  # noqa: E402
-from tests.helpers import REPO, needs_ffcv, tiny_config  # noqa: E402
+from tests.helpers import REPO, assert_store_complete, needs_ffcv, tiny_config  # noqa: E402
 
 pytestmark = pytest.mark.slow  # a 3-node Ray cluster and Ray Train jobs: minutes
 
@@ -46,15 +46,7 @@ def train_workers() -> list[psutil.Process]:
 
 
 def assert_complete_and_uncorrupted(store: TrajectoryStore) -> dict[int, list[dict]]:
-    assert store.completed() == list(range(EXPERTS))
-    epochs = {}
-    for k in store.completed():
-        traj = store.open(k)
-        assert traj.num_snapshots == EPOCHS + 1
-        for e in range(traj.num_snapshots):
-            traj.snapshot(e)  # checks every row's CRC
-        epochs[k] = traj.info["epochs"]
-    return epochs
+    return assert_store_complete(store, EXPERTS, EPOCHS)
 
 
 class FaultWhenMidExpert(threading.Thread):
