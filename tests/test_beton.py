@@ -106,7 +106,7 @@ def test_damaged_or_foreign_beton_is_a_one_line_error(tmp_path):
 
 def test_missing_ffcv_names_the_extra(tmp_path):
     code = ("import sys; sys.modules['ffcv'] = None\n"  # what an environment without the extra sees
-            "from ray_mtt.core.errors import run_cli; from ray_mtt.core.experts import main\n"
+            "from ray_mtt.cli.common import run_cli; from ray_mtt.cli.experts import main\n"
             f"run_cli(main, ['--engine', 'local', '--run_dir', {str(tmp_path)!r}, '--data.loader', 'ffcv'])")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "pip install 'ray_mtt[ffcv]'" in out.stderr and "Traceback" not in out.stderr
