@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,8 @@ class S3Endpoint:
         self.url = f"http://{host}:{port}"
         self.env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
                     "AWS_ENDPOINT_URL": self.url, "MLFLOW_S3_ENDPOINT_URL": self.url}
+        # moto keeps its buckets per process, across servers: start every endpoint empty.
+        urllib.request.urlopen(urllib.request.Request(f"{self.url}/moto-api/reset", method="POST"), timeout=30)
         import boto3
         self.s3 = boto3.client("s3", endpoint_url=self.url, aws_access_key_id="testing",
                                aws_secret_access_key="testing", region_name="us-east-1")
