@@ -1,5 +1,9 @@
 """Expert trajectories on Ray Train: one TorchTrainer run whose workers share out the experts.
 
+The driver reads the dataset once and hands it to the workers through Ray's object store, so no
+worker reads the driver's disk; trajectories go to the store (a bucket on a cluster). The worker
+group is elastic (min, max): it starts once `min` workers fit and grows as nodes (GPUs) arrive.
+
 Why one run for the whole job rather than one per expert: a TorchTrainer.fit() costs ~20 s of
 start-up and ~1.5 GB of helper processes (ray 2.60), paid once here instead of once per expert.
 The workers are gang-scheduled, so a failure restarts the whole group (FailureConfig); that is
@@ -15,7 +19,6 @@ per epoch, matters for short epochs: Ray 2.60 takes one report per worker per 2 
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import threading
 import time
@@ -35,58 +38,7 @@ from ..core.errors import UserError
 from ..core.experts import epoch_batches, open_store_for_training, train_expert
 from ..core.storage import is_uri, open_storage
 from ..core.trajectories import TrajectoryStore
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise UserError(f"--address {address!r} is not HOST:PORT (e.g. 10.0.0.5:6379), 'auto' or ray://HOST:PORT")
-    return host, int(port)
-
-
-def answers(address: str, timeout_s: float = 5.0) -> bool:
-    try:
-        socket.create_connection(parse_address(address), timeout=timeout_s).close()
-        return True
-    except OSError:
-        return False
-
-
-def check_reachable(address: str | None) -> None:
-    """Ray's client retries a HOST:PORT that nobody answers for minutes; a TCP connect tells in seconds."""
-    if not address or address in ("auto", "local") or "://" in address:
-        return
-    if not answers(address):
-        raise UserError(f"no Ray cluster answers at {address}; start one there with `ray start --head`, "
-                        f"or drop --address to use the local one")
-
-
-def recorded_address() -> tuple[str | None, Path]:
-    """The cluster `ray start` recorded on this machine: what ray.init() joins when no address is given."""
-    path = Path(os.environ.get("RAY_TMPDIR", tempfile.gettempdir())) / "ray" / "ray_current_cluster"
-    return (path.read_text().strip() or None if path.is_file() else None), path
-
-
-def connect(address: str | None) -> None:
-    """Join the cluster at `address`, or the one running on this machine, or start a local one.
-    A local cluster that died without cleaning up stays recorded, and ray.init() would sit in
-    connect retries for minutes: a recorded address that does not answer starts a fresh one."""
-    if address is None and not os.environ.get("RAY_ADDRESS"):
-        recorded, path = recorded_address()
-        if recorded and not answers(recorded):
-            print(f"the Ray cluster recorded in {path} ({recorded}) does not answer: starting a fresh local one",
-                  flush=True)
-            address = "local"
-    check_reachable(address)
-    ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False,
-             configure_logging=False)
-
-
-def ray_failure(e: BaseException, what: str) -> UserError:
-    """A Ray-level failure (a dead raylet or node, an actor the memory monitor killed) as one line."""
-    first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
-    return UserError(f"{what} failed in Ray ({type(e).__name__}: {first[:300]}); everything saved so far is kept: "
-                     f"rerun the same command to resume")
+from .cluster import connect, ray_failure, want_gpus
 
 
 def publish_beton(cfg: Config, store_root: str) -> str | None:
@@ -219,22 +171,6 @@ class Progress:
     def __exit__(self, *exc) -> None:
         self.stop.set()
         self.thread.join()
-
-
-def bootstrap_gpu_types(path: Path = Path.home() / "ray_bootstrap_config.yaml") -> bool:
-    """Whether the autoscaler's config on this head node (`ray up` writes it) has GPU node types."""
-    if not path.is_file():
-        return False
-    import yaml
-    types = (yaml.safe_load(path.read_text()) or {}).get("available_node_types", {})
-    return any((t.get("resources") or {}).get("GPU", 0) > 0 for t in types.values())
-
-
-def want_gpus(use_gpu: str) -> bool:
-    """--use-gpu yes|no|auto; auto = GPUs are up now, or the autoscaler can launch nodes that have them."""
-    if use_gpu in ("yes", "no"):
-        return use_gpu == "yes"
-    return bool(ray.cluster_resources().get("GPU")) or bootstrap_gpu_types()
 
 
 @dataclass

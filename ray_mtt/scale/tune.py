@@ -28,7 +28,8 @@ from ..core.models import model_for
 from ..core.train import resolve_device
 from ..core.storage import is_uri
 from ..core.trajectories import TrajectoryStore
-from .experts_job import connect, ray_failure, run_job, want_gpus
+from .cluster import connect, ray_failure, want_gpus
+from .experts_job import run_job
 from .tracking import MlflowReporter, flat_config, log_result, open_experiment, start_run, system_metrics, ui_hint
 
 CROSS_ARCH = ["convnet", "resnet18", "vgg11", "alexnet"]
