@@ -92,7 +92,7 @@ def test_the_checks_catch_a_lazy_import_and_a_cycle(tmp_path):
     assert cycles(import_graph(root)) == [["ray_mtt.core.distill", "ray_mtt.scale.tracking", "ray_mtt.core.distill"]]
 
 
-@pytest.mark.parametrize("module", ["ray_mtt.core.distill", "ray_mtt.core.bench", "ray_mtt.cli.bench",
+@pytest.mark.parametrize("module", ["ray_mtt.core.distill", "ray_mtt.core.bench", "ray_mtt.core.profile", "ray_mtt.cli.bench",
                                     "ray_mtt.cli.evaluate"])
 def test_torch_only_modules_load_without_ray_or_mlflow(module):
     """At run time too: what a bare GPU box runs never loads them (checked in a fresh interpreter)."""

@@ -35,6 +35,7 @@ from .experts import store_identity
 from .models import FlatModel, model_for
 from .seeds import derive_seed, generator, seed_everything
 from .storage import LocalStorage
+from .timing import NO_TIMER, NoTimer, PhaseTimer
 from .trajectories import TrajectoryStore, Trajectory, check_compatible
 
 CHECKPOINT_EVERY = 25  # iterations between resumable checkpoints (besides every evaluation)
@@ -72,28 +73,34 @@ def sample_plan(num_syn: int, steps: int, batch_syn: int, dsa: DSA, size: int, d
     return plan
 
 
-def _student_loss(student: FlatModel, params: torch.Tensor, syn: SyntheticSet, step: Step) -> torch.Tensor:
+def _student_loss(student: FlatModel, params: torch.Tensor, syn: SyntheticSet, step: Step,
+                  timer: PhaseTimer | NoTimer = NO_TIMER) -> torch.Tensor:
     idx, aug = step
-    x = syn.images[idx]
-    if aug is not None:
-        x = apply(x, aug)
-    return F.cross_entropy(student(params, x), syn.labels[idx])
+    with timer("DSA application"):
+        x = syn.images[idx]
+        if aug is not None:
+            x = apply(x, aug)
+    with timer("student forward"):
+        return F.cross_entropy(student(params, x), syn.labels[idx])
 
 
 def matching_grad_unrolled(student: FlatModel, syn: SyntheticSet, start: torch.Tensor, target: torch.Tensor,
-                           plan: list[Step]) -> torch.Tensor:
+                           plan: list[Step], timer: PhaseTimer | NoTimer = NO_TIMER) -> torch.Tensor:
     """Backprop through all N steps at once; accumulates .grad of images and lr; returns the loss."""
     params = start.clone().requires_grad_(True)
     for step in plan:
-        grad, = torch.autograd.grad(_student_loss(student, params, syn, step), params, create_graph=True)
-        params = params - syn.lr * grad
-    loss = (params - target).pow(2).sum() / (start - target).pow(2).sum()
-    loss.backward()
+        loss = _student_loss(student, params, syn, step, timer)
+        with timer("inner gradients"):
+            grad, = torch.autograd.grad(loss, params, create_graph=True)
+            params = params - syn.lr * grad
+    with timer("outer backward"):
+        loss = (params - target).pow(2).sum() / (start - target).pow(2).sum()
+        loss.backward()
     return loss.detach()
 
 
 def matching_grad_checkpointed(student: FlatModel, syn: SyntheticSet, start: torch.Tensor, target: torch.Tensor,
-                               plan: list[Step]) -> torch.Tensor:
+                               plan: list[Step], timer: PhaseTimer | NoTimer = NO_TIMER) -> torch.Tensor:
     """The same gradient with one step's graph alive at a time (memory flat in N)."""
     lr = syn.lr.detach()
     frozen = SyntheticSet(syn.images.detach(), syn.labels, lr)
@@ -101,8 +108,18 @@ def matching_grad_checkpointed(student: FlatModel, syn: SyntheticSet, start: tor
     for step in plan:  # forward: keep only the flat parameters before each step
         thetas.append(params)
         p = params.detach().requires_grad_(True)
-        grad, = torch.autograd.grad(_student_loss(student, p, frozen, step), p)
-        params = params - lr * grad
+        loss = _student_loss(student, p, frozen, step, timer)
+        with timer("inner gradients"):
+            grad, = torch.autograd.grad(loss, p)
+            params = params - lr * grad
+    with timer("outer backward (recomputes each step)"):
+        return _checkpointed_backward(student, syn, start, target, plan, thetas, params)
+
+
+def _checkpointed_backward(student: FlatModel, syn: SyntheticSet, start: torch.Tensor, target: torch.Tensor,
+                           plan: list[Step], thetas: list[torch.Tensor], params: torch.Tensor) -> torch.Tensor:
+    """Walk back from theta_N, one recomputed step at a time, carrying the adjoint."""
+    lr = syn.lr.detach()
     denom = (start - target).pow(2).sum()
     loss = (params - target).pow(2).sum() / denom
     adjoint = 2 * (params - target) / denom  # dL/dtheta_N
@@ -209,6 +226,7 @@ class Distiller:
     def step(self, it: int) -> float:
         """One outer iteration (Algorithm 1); returns the matching loss."""
         d, syn = self.cfg.distill, self.syn
+        t0 = time.perf_counter()  # s/iter covers the whole iteration, the expert rows' read included
         # Every draw comes from (seed, iteration), so a resumed run draws what the uninterrupted one would have.
         seed_everything(self.cfg.seed, "distill_iteration", it)
         rng = random.Random(derive_seed(self.cfg.seed, "distill_iteration", it))
@@ -216,7 +234,6 @@ class Distiller:
         traj = self.experts.get(rng.choice(self.experts.indices))
         start = traj.snapshot(start_epoch).to(self.device)
         target = traj.snapshot(start_epoch + d.expert_epochs).to(self.device)
-        t0 = time.perf_counter()
         plan = sample_plan(len(syn.images), d.syn_steps, d.batch_syn, self.dsa, self.data.spec.size, self.device)
         loss = MATCHING_GRAD[d.grad_mode](self.student, syn, start, target, plan)
         for opt in (self.opt_img, self.opt_lr):
