@@ -1,11 +1,14 @@
 """Keep freed CPU memory in the process for reuse (glibc malloc), instead of returning it.
 
-An unrolled distillation iteration allocates and frees hundreds of activation-sized tensors
-(52 MB each for CIFAR-10 IPC 10). glibc serves blocks over its mmap threshold (at most 32 MB)
-with fresh mmap calls and unmaps them on free, so every such tensor is page-faulted in and zeroed
-by the kernel again: on the project's CPU box that was 40 % of the iteration (system time),
-see benchmarks/RESULTS.md. Raising the mmap and trim thresholds keeps those blocks in the heap,
-as PyTorch's caching allocator does on a GPU. RAY_MTT_MALLOC=default leaves glibc as it is.
+Training loops allocate and free activation-sized tensors at every step (an unrolled distillation
+iteration: hundreds of 52 MB tensors for CIFAR-10 IPC 10; an expert step on 256 CIFAR images:
+134 MB ones). glibc serves blocks over its mmap threshold (at most 32 MB) with fresh mmap calls
+and unmaps them on free, so each such tensor is page-faulted in and zeroed by the kernel again:
+on the project's CPU box, 15 s of system CPU time in each 30 s CIFAR-10 IPC 10 iteration
+(N=30; benchmarks/RESULTS.md).
+Raising the mmap and trim thresholds keeps those blocks in the heap, as PyTorch's caching
+allocator does on a GPU. The cost is fragmentation: a higher peak RSS (measured there too).
+RAY_MTT_MALLOC=default leaves glibc as it is.
 """
 from __future__ import annotations
 
@@ -31,3 +34,9 @@ def retain_freed_memory() -> bool:
     except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
         _retained = False
     return _retained
+
+
+def retain_freed_memory_on(device) -> None:
+    """What the training loops call: the setting matters only where tensors live in CPU memory."""
+    if device.type == "cpu":
+        retain_freed_memory()

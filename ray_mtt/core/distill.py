@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .allocator import retain_freed_memory
+from .allocator import retain_freed_memory_on
 from .augment import DSA, AugParams, apply
 from .config import Config
 from .data import Dataset
@@ -201,8 +201,7 @@ class Distiller:
         self.out = cfg.distill_dir
         self.out.mkdir(parents=True, exist_ok=True)
         self.device = data.x_train.device
-        if self.device.type == "cpu":
-            retain_freed_memory()
+        retain_freed_memory_on(self.device)
         self.student = FlatModel(model_for(cfg, data.spec).to(self.device))
         self.dsa = DSA(cfg.augment.strategy, cfg.augment.siamese)
         self.syn = init_synthetic(cfg, data, generator(cfg.seed, "distill_init"))

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .allocator import retain_freed_memory_on
 from .augment import DSA
 from .config import Config
 from .data import Dataset
@@ -46,6 +47,7 @@ def train_and_score(model_name: str, images: torch.Tensor, labels: torch.Tensor,
                     epochs: int | None = None) -> float:
     """Train one fresh network on float (preprocessed) images; accuracy on uint8 x_eval.
     `stream` = (purpose, index...) names this network's own random stream."""
+    retain_freed_memory_on(images.device)
     seed_everything(cfg.seed, *stream, 0)  # the network's init and its DSA draws
     ev = cfg.eval
     epochs = epochs or ev.epochs

@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from .augment import DSA
+from .allocator import retain_freed_memory_on
 from .config import Config
 from .data import Dataset, load_dataset
 from .datasets import DatasetSpec
@@ -83,6 +84,7 @@ def train_expert(cfg: Config, data: Dataset, store: TrajectoryStore, index: int,
                  batches: EpochBatches | None = None) -> dict:
     """Train expert `index` for cfg.experts.epochs epochs, resuming after its last saved epoch."""
     device = data.x_train.device
+    retain_freed_memory_on(device)
     seed_everything(cfg.seed, "expert_init", index)
     model = model_for(cfg, data.spec).to(device)
     flat = FlatModel(model)
