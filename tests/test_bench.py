@@ -1,16 +1,16 @@
-"""The distillation benchmark measures, and logs to MLflow when asked."""
+"""The distillation benchmark measures (time, memory, counted FLOPs, phases), and logs to MLflow when asked."""
 import pytest
 
 from tests.helpers import run_cli
 
-mlflow = pytest.importorskip("mlflow")
-
 
 def test_bench_logs_timing_speedups_and_memory_to_mlflow(tmp_path):
+    mlflow = pytest.importorskip("mlflow")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = run_cli("ray_mtt.bench", "--configs", "cifar10_ipc1", "--syn-steps", "2", "--width", "8",
                      "--variants", "unrolled,checkpointed", "--warmup", "0", "--repeats", "2",
-                     "--memory-steps", "2,4", "--tracking-uri", uri, "--run_dir", str(tmp_path))
+                     "--memory-steps", "2,4", "--flops", "--peak-memory", "--tracking-uri", uri,
+                     "--run_dir", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
     client = mlflow.tracking.MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("ray_mtt").experiment_id],
@@ -19,6 +19,60 @@ def test_bench_logs_timing_speedups_and_memory_to_mlflow(tmp_path):
     metrics = runs[0].data.metrics
     assert metrics["s_per_iter/cifar10_ipc1/unrolled"] > 0 and metrics["speedup/cifar10_ipc1/unrolled"] == 1.0
     assert metrics["speedup/cifar10_ipc1/checkpointed"] > 0
+    assert metrics["tflops/cifar10_ipc1/unrolled"] > 0 and metrics["iteration_peak_mib/cifar10_ipc1/checkpointed"] >= 0
     memory = client.get_metric_history(runs[0].info.run_id, "peak_mib/cifar10_ipc1/unrolled")
     assert sorted(m.step for m in memory) == [2, 4]
     assert "bench.json" in [a.path for a in client.list_artifacts(runs[0].info.run_id)]
+
+
+TINY = ("--configs", "cifar10_ipc1", "--width", "8")
+
+
+def bench_json(tmp_path, *args) -> dict:
+    import json
+    out = tmp_path / "bench.json"
+    result = run_cli("ray_mtt.bench", *TINY, *args, "--json", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("grad_mode", ["unrolled", "checkpointed"])
+def test_profile_times_every_phase_of_one_iteration(tmp_path, grad_mode):
+    raw = bench_json(tmp_path, "--profile", "--syn-steps", "2", "--grad-mode", grad_mode)
+    prof = raw["profile"]["cifar10_ipc1"]
+    backward = "outer backward" if grad_mode == "unrolled" else "outer backward (recomputes each step)"
+    assert list(prof["phases"]) == ["expert rows read", "DSA parameter sampling", "DSA application",
+                                    "student forward", "inner gradients", backward, "optimizer steps"]
+    timed = sum(prof["phases"].values())
+    assert all(s > 0 for s in prof["phases"].values())
+    assert 0.5 * prof["total_s"] < timed <= prof["total_s"]  # the phases are the iteration, minus glue
+    assert set(prof["system"]) == set(prof["phases"])
+    names = [op["name"] for op in prof["operators"]]
+    assert any("convolution" in n for n in names), names
+
+
+def test_flops_are_counted_per_student_step(tmp_path):
+    """Counted, not guessed: an unrolled iteration's FLOPs grow linearly with N, and the checkpointed
+    path, which recomputes each step's forward and backward, counts more."""
+    def flops(steps):
+        raw = bench_json(tmp_path, "--flops", "--syn-steps", str(steps), "--variants", "unrolled,checkpointed",
+                         "--warmup", "0", "--repeats", "1")
+        assert raw["fp32_peak_tflops"] > 0
+        return raw["flops"]["cifar10_ipc1/unrolled"], raw["flops"]["cifar10_ipc1/checkpointed"]
+    (two, two_ck), (four, four_ck) = flops(2), flops(4)
+    assert four == pytest.approx(2 * two, rel=0.01)
+    assert two_ck > two and four_ck > four
+
+
+def test_a_child_reports_its_own_peak_memory_not_its_parents():
+    """The per-point memory children must not inherit a large parent's peak (ru_maxrss would)."""
+    import subprocess
+    import sys
+    import torch
+    from ray_mtt.core.bench import peak_rss_mb
+    ballast = torch.ones(2**28)  # 1 GiB in this process
+    assert peak_rss_mb() > 1024
+    code = "from ray_mtt.core.bench import peak_rss_mb; print(peak_rss_mb())"
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert float(child.stdout) < 900, child.stdout
+    del ballast

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import torch
 
-from ..core.bench import (PAPER_3090_S_PER_ITER, VARIANTS, memory_child, device_name, make_problem, peak_memory_mb,
-                          summarize, time_variants)
+from ..core.allocator import retain_freed_memory
+from ..core.bench import (CUDA_ONLY, PAPER_3090_S_PER_ITER, VARIANTS, count_flops, device_name, fp32_peak_tflops,
+                          make_problem, memory_child, peak_memory_mb, summarize, time_variants)
 from ..core.errors import UserError
+from ..core.profile import profile_iteration
 from ..core.train import resolve_device
 from .common import new_parser
 
@@ -28,7 +31,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"comma-separated, from {', '.join(VARIANTS)}; the first is the baseline of the ratios")
     parser.add_argument("--syn-steps", type=int, default=0, help="override N of every config (0 = the config's)")
     parser.add_argument("--width", type=int, default=0, help="override the ConvNet width (0 = the config's, 128)")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of timing variants: one iteration's seconds per phase and its top operators")
+    parser.add_argument("--grad-mode", default="unrolled", choices=("unrolled", "checkpointed"),
+                        help="the matching-gradient path --profile breaks down")
+    parser.add_argument("--flops", action="store_true",
+                        help="count each iteration's FLOPs and report TFLOP/s against the measured fp32 peak")
+    parser.add_argument("--peak-memory", action="store_true", help="add each variant's peak memory of one iteration")
     parser.add_argument("--memory-steps", default="", help="comma-separated N values: peak memory vs N per variant")
+    parser.add_argument("--malloc", default="retain", choices=("retain", "default"),
+                        help="CPU: keep freed memory for reuse (what the distiller does) or leave glibc as it is")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="auto")
@@ -41,20 +53,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def timing_table(args, device, variants: list[str], raw: dict) -> None:
-    """One row per config: s/iter per variant and speed-ups against the first."""
-    header = "| config | N | " + " | ".join(f"{v} s/iter" for v in variants) + " | " + \
-             " | ".join(f"{v} speed-up" for v in variants[1:]) + " | paper 3090 s/iter |"
-    print(header + "\n|" + "---|" * (header.count("|") - 1))
+    """One row per config x variant: s/iter, speed-up against the first variant and, when asked,
+    the peak memory of an iteration and the achieved TFLOP/s against the measured fp32 peak."""
+    peak = fp32_peak_tflops(device) if args.flops else 0.0
+    if args.flops:
+        raw["fp32_peak_tflops"] = peak
+        print(f"measured fp32 peak (matmul, TF32 off): {peak:.2f} TFLOP/s")
+    extra = (["peak MiB"] if args.peak_memory else []) + (["GFLOP/iter", "TFLOP/s", "% of fp32 peak"] if args.flops else [])
+    columns = ["config", "N", "variant", "s/iter", "speed-up", *extra, "paper 3090 s/iter"]
+    print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
     for name in [c for c in args.configs.split(",") if c]:
         problem = make_problem(name, device, args.syn_steps or None, args.width or None)
         times = time_variants(problem, variants, args.warmup, args.repeats)
         raw["timing"][name] = times
-        med = {v: summarize(t) for v, t in times.items()}
-        key = (problem.cfg.data.dataset, problem.cfg.distill.ipc)
-        print(f"| {name} | {problem.cfg.distill.syn_steps} | "
-              + " | ".join(f"{m:.3f} (+-{s:.3f})" for m, s in med.values()) + " | "
-              + " | ".join(f"{med[variants[0]][0] / med[v][0]:.2f}x" for v in variants[1:])
-              + f" | {PAPER_3090_S_PER_ITER.get(key, '-')} |", flush=True)
+        flops = {v: count_flops(problem, v) for v in {"checkpointed" if v == "checkpointed" else "unrolled"
+                                                         for v in variants}} if args.flops else {}
+        baseline = summarize(times[variants[0]])[0]
+        paper = PAPER_3090_S_PER_ITER.get((problem.cfg.data.dataset, problem.cfg.distill.ipc), "-")
+        for v in variants:
+            median, spread = summarize(times[v])
+            cells = [name, problem.cfg.distill.syn_steps, v, f"{median:.3f} (+-{spread:.3f})", f"{baseline / median:.2f}x"]
+            if args.peak_memory:
+                mib = peak_memory_mb(name, v, device, args.syn_steps or None, args.width or None)
+                raw["peak_mib"][f"{name}/{v}"] = mib
+                cells.append(f"{mib:.0f}")
+            if args.flops:
+                work = flops["checkpointed" if v == "checkpointed" else "unrolled"]
+                raw["flops"][f"{name}/{v}"] = work
+                cells += [f"{work / 1e9:.1f}", f"{work / median / 1e12:.3f}", f"{100 * work / median / 1e12 / peak:.1f} %"]
+            cells.append(paper if v == variants[0] else "")
+            print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
         del problem
 
 
@@ -71,8 +99,30 @@ def memory_table(args, device, variants: list[str], raw: dict) -> None:
             print(f"| {name} | {v} | " + " | ".join(f"{m:.0f}" for m in row) + " |", flush=True)
 
 
+def profile_tables(args, device, raw: dict) -> None:
+    """Per config: one iteration by phase, then the operators with the most self time."""
+    for name in [c for c in args.configs.split(",") if c]:
+        problem = make_problem(name, device, args.syn_steps or None, args.width or None)
+        prof = profile_iteration(problem, args.grad_mode)
+        raw["profile"][name] = {"phases": prof.phases, "system": prof.system, "total_s": prof.total,
+                                "total_system_s": prof.total_system, "operators": prof.operators}
+        print(f"\n{name}, N={problem.cfg.distill.syn_steps}, {args.grad_mode}: {prof.total:.3f} s for one iteration, "
+              f"{prof.total_system:.3f} s of system CPU time in it (malloc {args.malloc})")
+        print("| phase | seconds | share | system CPU s |\n|---|---|---|---|")
+        for phase, seconds in prof.phases.items():
+            print(f"| {phase} | {seconds:.3f} | {100 * seconds / prof.total:.1f} % | {prof.system[phase]:.3f} |")
+        print(f"| (untimed: Python between phases) | {prof.total - sum(prof.phases.values()):.3f} | | |")
+        print("\n| operator | calls | self seconds | share of self time |\n|---|---|---|---|")
+        for op in prof.operators:
+            print(f"| {op['name']} | {op['calls']} | {op['self_s']:.3f} | {100 * op['share']:.1f} % |", flush=True)
+        del problem
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.malloc == "default":
+        os.environ["RAY_MTT_MALLOC"] = "default"  # memory children inherit it
+    retain_freed_memory()
     if args._memory_child:
         name, variant, steps, width = args._memory_child
         return memory_child(name, variant, int(steps), int(width))
@@ -81,12 +131,16 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise UserError(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
-    if device.type != "cuda" and "tf32" in variants:
-        variants.remove("tf32")  # TF32 exists only on CUDA
+    if device.type != "cuda":
+        variants = [v for v in variants if v not in CUDA_ONLY]  # TF32 and CUDA graphs exist only there
     print(f"device: {device_name(device)}, torch {torch.__version__}; {args.warmup} warmup + {args.repeats} repeats, median (+- half range); "
-          f"ratio = baseline time / variant time")
-    raw = {"device": device_name(device), "torch": torch.__version__, "timing": {}, "memory": {}}
-    timing_table(args, device, variants, raw)
+          f"ratio = baseline time / variant time; malloc {args.malloc}")
+    raw = {"device": device_name(device), "torch": torch.__version__, "timing": {}, "memory": {}, "profile": {}, "flops": {},
+           "peak_mib": {}}
+    if args.profile:
+        profile_tables(args, device, raw)
+    else:
+        timing_table(args, device, variants, raw)
     if args.memory_steps:
         memory_table(args, device, variants, raw)
     if args.json:

@@ -9,10 +9,17 @@ warmup, and is reported as a ratio against the plain unrolled path:
   checkpointed   exact same gradient, one step's graph alive at a time (memory flat in N)
   channels_last  unrolled with NHWC tensors
   tf32           unrolled with TF32 matmuls/convolutions (CUDA only)
-  bf16           unrolled under bf16 autocast (changes the numbers: measured, never enabled by default)
+  bf16           unrolled under bf16 autocast, pixels kept fp32 (changes the numbers: measured only)
+  cuda_graph     unrolled, captured once as a CUDA graph and replayed (CUDA only): one fixed minibatch
+                 and DSA plan, since the ops a plan draws decide the kernels (launch overhead removed)
 
-Peak memory: on CUDA the allocator's peak for one iteration; on CPU the peak resident-set growth of
-one iteration, measured in a fresh child process per point (CPU allocators expose no peak).
+FLOPs are counted (torch.utils.flop_counter over one iteration: convolutions and matmuls, forward,
+backward and double backward), and set against the device's fp32 peak measured here with a large
+matmul (TF32 off).
+
+Peak memory: on CUDA the allocator's peak over the first two iterations of a fresh problem (one-time
+buffers such as a CUDA graph's pool included); on CPU the peak resident-set growth of one iteration,
+measured in a fresh child process per point (CPU allocators expose no peak).
 The command line is `python -m ray_mtt.bench` (cli/bench.py); needs only torch (runs on a bare GPU box).
 """
 from __future__ import annotations
@@ -35,7 +42,8 @@ from .distill import MATCHING_GRAD, SyntheticSet, sample_plan
 from .errors import UserError
 from .models import FlatModel, model_for
 
-VARIANTS = ("unrolled", "checkpointed", "channels_last", "tf32", "bf16")
+VARIANTS = ("unrolled", "checkpointed", "channels_last", "tf32", "bf16", "cuda_graph")
+CUDA_ONLY = ("tf32", "cuda_graph")
 PAPER_3090_S_PER_ITER = {("cifar10", 1): 0.5, ("cifar10", 10): 0.6, ("cifar10", 50): 0.8,
                          ("cifar100", 1): 0.6, ("cifar100", 10): 0.8, ("cifar100", 50): 1.9,
                          ("tiny_imagenet", 1): 1.1, ("tiny_imagenet", 10): 2.3, ("tiny_imagenet", 50): 2.6}
@@ -51,6 +59,7 @@ class Problem:
     target: torch.Tensor
     dsa: DSA
     size: int
+    graph: "GraphedIteration | None" = None
 
 
 def make_problem(name: str, device: torch.device, syn_steps: int | None = None, width: int | None = None) -> Problem:
@@ -93,8 +102,41 @@ def variant_settings(variant: str, problem: Problem):
         cuda[0].allow_tf32, cuda[1].allow_tf32 = saved
 
 
+class GraphedIteration:
+    """One unrolled iteration captured as a CUDA graph, on its own static copies of the inputs (other
+    variants replace the problem's tensors), replayed as a whole."""
+
+    def __init__(self, problem: Problem):
+        d, device = problem.cfg.distill, problem.start.device
+        syn, self.student = problem.syn, problem.student
+        self.syn = SyntheticSet(syn.images.detach().clone().requires_grad_(True), syn.labels,
+                                syn.lr.detach().clone().requires_grad_(True))
+        self.start, self.target = problem.start.clone(), problem.target.clone()
+        self.plan = sample_plan(len(syn.images), d.syn_steps, d.batch_syn, problem.dsa, problem.size, device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm up on a side stream, as capture requires
+            for _ in range(2):
+                self.run()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.run()
+
+    def run(self) -> None:
+        self.syn.images.grad = self.syn.lr.grad = None  # captured backward writes fresh grads, never accumulates
+        MATCHING_GRAD["unrolled"](self.student, self.syn, self.start, self.target, self.plan)
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
 def one_iteration(problem: Problem, variant: str) -> None:
     d = problem.cfg.distill
+    if variant == "cuda_graph":
+        if problem.graph is None:
+            problem.graph = GraphedIteration(problem)
+        return problem.graph.replay()
     grad_mode = "checkpointed" if variant == "checkpointed" else "unrolled"
     with variant_settings(variant, problem):
         plan = sample_plan(len(problem.syn.images), d.syn_steps, d.batch_syn, problem.dsa, problem.size,
@@ -129,14 +171,14 @@ def time_variants(problem: Problem, variants: list[str], warmup: int, repeats: i
 def peak_memory_mb(name: str, variant: str, device: torch.device, syn_steps: int | None, width: int | None) -> float:
     if device.type == "cuda":
         problem = make_problem(name, device, syn_steps, width)
-        one_iteration(problem, variant)  # warm up caches and cuDNN plans first
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        one_iteration(problem, variant)
+        for _ in range(2):  # the first also pays one-time buffers (cuDNN workspaces, a CUDA graph's pool)
+            one_iteration(problem, variant)
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    # CPU: a fresh process per point, since ru_maxrss can only grow.
+    # CPU: a fresh process per point, since a process's peak RSS can only grow.
     args = [sys.executable, "-m", "ray_mtt.bench", "--_memory-child", name, variant, str(syn_steps or 0), str(width or 0)]
     out = subprocess.run(args, capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
@@ -148,12 +190,47 @@ def memory_child(name: str, variant: str, syn_steps: int, width: int) -> None:
     # already sit at the peak and the growth of a second would read as ~0.
     before = _rss_mb()
     one_iteration(problem, variant)
-    print(max(0.0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before))
+    print(max(0.0, peak_rss_mb() - before))
 
 
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM). Not ru_maxrss: Linux carries that across fork and exec, so a
+    child started by a large parent would report the parent's peak."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
+def count_flops(problem: Problem, variant: str) -> int:
+    """FLOPs of one iteration, counted by torch's flop counter (convolutions and matmuls)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counted = "checkpointed" if variant == "checkpointed" else "unrolled"  # the others do the unrolled work
+    with FlopCounterMode(display=False) as counter:
+        one_iteration(problem, counted)
+    return counter.get_total_flops()
+
+
+def fp32_peak_tflops(device: torch.device) -> float:
+    """Achieved fp32 matmul throughput of this device (TF32 off): the roof the table is set against."""
+    n = 8192 if device.type == "cuda" else 1024
+    a, b = (torch.randn(n, n, device=device) for _ in range(2))
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        a @ b  # warm up
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        sync()
+        return 5 * 2 * n ** 3 / (time.perf_counter() - t0) / 1e12
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def summarize(times: list[float]) -> tuple[float, float]:

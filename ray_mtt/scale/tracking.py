@@ -190,7 +190,8 @@ def _log_scores(client: MlflowClient, run_id: str, rows: list[tuple[str, Score]]
 
 
 def log_bench(tracking_uri: str, run_dir: str | Path, raw: dict, settings: dict[str, str]) -> str:
-    """One MLflow run per benchmark: s/iter per config and variant, speed-ups, peak memory vs N."""
+    """One MLflow run per benchmark: s/iter per config and variant, speed-ups, TFLOP/s and peak
+    memory when measured, peak memory vs N."""
     client, experiment_id = open_experiment(tracking_uri, run_dir)
     run_id = start_run(client, experiment_id, f"bench {raw['device']}",
                        {**settings, "device": raw["device"], "torch": raw["torch"]}, tags={"ray_mtt.kind": "bench"})
@@ -201,6 +202,10 @@ def log_bench(tracking_uri: str, run_dir: str | Path, raw: dict, settings: dict[
         for variant, median in medians.items():
             metrics[f"s_per_iter/{config}/{variant}"] = median
             metrics[f"speedup/{config}/{variant}"] = baseline / median
+    for key, flops in raw.get("flops", {}).items():  # key: <config>/<variant>
+        config, variant = key.rsplit("/", 1)
+        metrics[f"tflops/{key}"] = flops / metrics[f"s_per_iter/{config}/{variant}"] / 1e12
+    metrics.update({f"iteration_peak_mib/{key}": mib for key, mib in raw.get("peak_mib", {}).items()})
     log_metrics(client, run_id, metrics)
     for key, by_steps in raw["memory"].items():  # key: <config>/<variant>; one point per N
         for n, mib in by_steps.items():
