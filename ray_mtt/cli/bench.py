@@ -12,8 +12,8 @@ import os
 import torch
 
 from ..core.allocator import retain_freed_memory
-from ..core.bench import (CUDA_ONLY, PAPER_3090_S_PER_ITER, VARIANTS, count_flops, device_name, fp32_peak_tflops,
-                          make_problem, memory_child, peak_memory_mb, summarize, time_variants)
+from ..core.bench import (CUDA_ONLY, PAPER_3090_S_PER_ITER, VARIANTS, count_flops, device_name, flop_path,
+                          fp32_peak_tflops, make_problem, memory_child, peak_memory_mb, summarize, time_variants)
 from ..core.errors import UserError
 from ..core.profile import profile_iteration
 from ..core.train import resolve_device
@@ -66,8 +66,7 @@ def timing_table(args, device, variants: list[str], raw: dict) -> None:
         problem = make_problem(name, device, args.syn_steps or None, args.width or None)
         times = time_variants(problem, variants, args.warmup, args.repeats)
         raw["timing"][name] = times
-        flops = {v: count_flops(problem, v) for v in {"checkpointed" if v == "checkpointed" else "unrolled"
-                                                         for v in variants}} if args.flops else {}
+        flops = {path: count_flops(problem, path) for path in {flop_path(v) for v in variants}} if args.flops else {}
         baseline = summarize(times[variants[0]])[0]
         paper = PAPER_3090_S_PER_ITER.get((problem.cfg.data.dataset, problem.cfg.distill.ipc), "-")
         for v in variants:
@@ -78,7 +77,7 @@ def timing_table(args, device, variants: list[str], raw: dict) -> None:
                 raw["peak_mib"][f"{name}/{v}"] = mib
                 cells.append(f"{mib:.0f}")
             if args.flops:
-                work = flops["checkpointed" if v == "checkpointed" else "unrolled"]
+                work = flops[flop_path(v)]
                 raw["flops"][f"{name}/{v}"] = work
                 cells += [f"{work / 1e9:.1f}", f"{work / median / 1e12:.3f}", f"{100 * work / median / 1e12 / peak:.1f} %"]
             cells.append(paper if v == variants[0] else "")
@@ -133,8 +132,9 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
     if device.type != "cuda":
         variants = [v for v in variants if v not in CUDA_ONLY]  # TF32 and CUDA graphs exist only there
-    print(f"device: {device_name(device)}, torch {torch.__version__}; {args.warmup} warmup + {args.repeats} repeats, median (+- half range); "
-          f"ratio = baseline time / variant time; malloc {args.malloc}")
+    timing = "one warm iteration timed by phase, one more under torch.profiler" if args.profile else \
+        f"{args.warmup} warmup + {args.repeats} repeats, median (+- half range); ratio = baseline time / variant time"
+    print(f"device: {device_name(device)}, torch {torch.__version__}; {timing}; malloc {args.malloc}")
     raw = {"device": device_name(device), "torch": torch.__version__, "timing": {}, "memory": {}, "profile": {}, "flops": {},
            "peak_mib": {}}
     if args.profile:

@@ -205,12 +205,16 @@ def peak_rss_mb() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
-def count_flops(problem: Problem, variant: str) -> int:
-    """FLOPs of one iteration, counted by torch's flop counter (convolutions and matmuls)."""
+def flop_path(variant: str) -> str:
+    """The path whose work a variant does: every variant but checkpointed computes the unrolled one."""
+    return "checkpointed" if variant == "checkpointed" else "unrolled"
+
+
+def count_flops(problem: Problem, path: str) -> int:
+    """FLOPs of one iteration of a path, counted by torch's flop counter (convolutions and matmuls)."""
     from torch.utils.flop_counter import FlopCounterMode
-    counted = "checkpointed" if variant == "checkpointed" else "unrolled"  # the others do the unrolled work
     with FlopCounterMode(display=False) as counter:
-        one_iteration(problem, counted)
+        one_iteration(problem, path)
     return counter.get_total_flops()
 
 
