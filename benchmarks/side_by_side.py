@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import runpy
 import statistics
 import subprocess
@@ -99,7 +100,6 @@ def authors_child(authors: Path, data_dir: str, ipc: int, steps: int, iterations
                     "--expert_epochs", "2", "--max_start_epoch", "2", "--lr_img", "1000", "--lr_lr", "1e-07",
                     "--lr_teacher", "0.01", "--Iteration", str(iterations - 1), "--eval_it", str(10 ** 6),
                     "--buffer_path", tmp, "--data_path", data_dir]
-        import os
         cwd = os.getcwd()
         os.chdir(tmp)  # their iteration-0 save writes ./logged_files
         try:

@@ -12,7 +12,7 @@ import os
 import torch
 
 from ..core.allocator import retain_freed_memory
-from ..core.bench import (CUDA_ONLY, PAPER_3090_S_PER_ITER, VARIANTS, count_flops, device_name, flop_path,
+from ..core.bench import (CUDA_ONLY, PAPER_3090_S_PER_ITER, VARIANTS, count_flops, device_name, grad_path,
                           fp32_peak_tflops, make_problem, memory_child, peak_memory_mb, summarize, time_variants)
 from ..core.errors import UserError
 from ..core.profile import profile_iteration
@@ -52,6 +52,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def config_names(args) -> list[str]:
+    return [c for c in args.configs.split(",") if c]
+
+
 def timing_table(args, device, variants: list[str], raw: dict) -> None:
     """One row per config x variant: s/iter, speed-up against the first variant and, when asked,
     the peak memory of an iteration and the achieved TFLOP/s against the measured fp32 peak."""
@@ -62,11 +66,11 @@ def timing_table(args, device, variants: list[str], raw: dict) -> None:
     extra = (["peak MiB"] if args.peak_memory else []) + (["GFLOP/iter", "TFLOP/s", "% of fp32 peak"] if args.flops else [])
     columns = ["config", "N", "variant", "s/iter", "speed-up", *extra, "paper 3090 s/iter"]
     print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
-    for name in [c for c in args.configs.split(",") if c]:
+    for name in config_names(args):
         problem = make_problem(name, device, args.syn_steps or None, args.width or None)
         times = time_variants(problem, variants, args.warmup, args.repeats)
         raw["timing"][name] = times
-        flops = {path: count_flops(problem, path) for path in {flop_path(v) for v in variants}} if args.flops else {}
+        flops = {path: count_flops(problem, path) for path in {grad_path(v) for v in variants}} if args.flops else {}
         baseline = summarize(times[variants[0]])[0]
         paper = PAPER_3090_S_PER_ITER.get((problem.cfg.data.dataset, problem.cfg.distill.ipc), "-")
         for v in variants:
@@ -77,7 +81,7 @@ def timing_table(args, device, variants: list[str], raw: dict) -> None:
                 raw["peak_mib"][f"{name}/{v}"] = mib
                 cells.append(f"{mib:.0f}")
             if args.flops:
-                work = flops[flop_path(v)]
+                work = flops[grad_path(v)]
                 raw["flops"][f"{name}/{v}"] = work
                 cells += [f"{work / 1e9:.1f}", f"{work / median / 1e12:.3f}", f"{100 * work / median / 1e12 / peak:.1f} %"]
             cells.append(paper if v == variants[0] else "")
@@ -91,7 +95,7 @@ def memory_table(args, device, variants: list[str], raw: dict) -> None:
     mem_variants = [v for v in variants if v in ("unrolled", "checkpointed")]
     print(f"\npeak memory of one iteration (MiB) vs N, {'CUDA allocator' if device.type == 'cuda' else 'RSS growth'}")
     print("| config | variant | " + " | ".join(f"N={n}" for n in steps) + " |\n|" + "---|" * (len(steps) + 2))
-    for name in [c for c in args.configs.split(",") if c]:
+    for name in config_names(args):
         for v in mem_variants:
             row = [peak_memory_mb(name, v, device, n, args.width or None) for n in steps]
             raw["memory"][f"{name}/{v}"] = dict(zip(steps, row))
@@ -100,7 +104,7 @@ def memory_table(args, device, variants: list[str], raw: dict) -> None:
 
 def profile_tables(args, device, raw: dict) -> None:
     """Per config: one iteration by phase, then the operators with the most self time."""
-    for name in [c for c in args.configs.split(",") if c]:
+    for name in config_names(args):
         problem = make_problem(name, device, args.syn_steps or None, args.width or None)
         prof = profile_iteration(problem, args.grad_mode)
         raw["profile"][name] = {"phases": prof.phases, "system": prof.system, "total_s": prof.total,

@@ -102,6 +102,11 @@ def variant_settings(variant: str, problem: Problem):
         cuda[0].allow_tf32, cuda[1].allow_tf32 = saved
 
 
+def grad_path(variant: str) -> str:
+    """The matching-gradient path a variant runs: every variant but checkpointed runs the unrolled one."""
+    return "checkpointed" if variant == "checkpointed" else "unrolled"
+
+
 class GraphedIteration:
     """One unrolled iteration captured as a CUDA graph, on its own static copies of the inputs (other
     variants replace the problem's tensors), replayed as a whole."""
@@ -123,6 +128,12 @@ class GraphedIteration:
         with torch.cuda.graph(self.graph):
             self.run()
 
+    @classmethod
+    def capture(cls, problem: Problem) -> "GraphedIteration":
+        """Captured under the reference settings (strict fp32: cuDNN would otherwise allow TF32)."""
+        with variant_settings("cuda_graph", problem):
+            return cls(problem)
+
     def run(self) -> None:
         self.syn.images.grad = self.syn.lr.grad = None  # captured backward writes fresh grads, never accumulates
         MATCHING_GRAD["unrolled"](self.student, self.syn, self.start, self.target, self.plan)
@@ -135,13 +146,12 @@ def one_iteration(problem: Problem, variant: str) -> None:
     d = problem.cfg.distill
     if variant == "cuda_graph":
         if problem.graph is None:
-            problem.graph = GraphedIteration(problem)
+            problem.graph = GraphedIteration.capture(problem)
         return problem.graph.replay()
-    grad_mode = "checkpointed" if variant == "checkpointed" else "unrolled"
     with variant_settings(variant, problem):
         plan = sample_plan(len(problem.syn.images), d.syn_steps, d.batch_syn, problem.dsa, problem.size,
                            problem.start.device)
-        MATCHING_GRAD[grad_mode](problem.student, problem.syn, problem.start, problem.target, plan)
+        MATCHING_GRAD[grad_path(variant)](problem.student, problem.syn, problem.start, problem.target, plan)
         problem.syn.images.grad = problem.syn.lr.grad = None
 
 
@@ -203,11 +213,6 @@ def peak_rss_mb() -> float:
     child started by a large parent would report the parent's peak."""
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
-
-
-def flop_path(variant: str) -> str:
-    """The path whose work a variant does: every variant but checkpointed computes the unrolled one."""
-    return "checkpointed" if variant == "checkpointed" else "unrolled"
 
 
 def count_flops(problem: Problem, path: str) -> int:
