@@ -19,7 +19,7 @@ def test_bench_logs_timing_speedups_and_memory_to_mlflow(tmp_path):
     metrics = runs[0].data.metrics
     assert metrics["s_per_iter/cifar10_ipc1/unrolled"] > 0 and metrics["speedup/cifar10_ipc1/unrolled"] == 1.0
     assert metrics["speedup/cifar10_ipc1/checkpointed"] > 0
-    assert metrics["tflops/cifar10_ipc1/unrolled"] > 0 and metrics["iteration_peak_mib/cifar10_ipc1/checkpointed"] >= 0
+    assert metrics["tflops/cifar10_ipc1/unrolled"] > 0 and metrics["iteration_peak_mib/cifar10_ipc1/checkpointed"] > 0
     memory = client.get_metric_history(runs[0].info.run_id, "peak_mib/cifar10_ipc1/unrolled")
     assert sorted(m.step for m in memory) == [2, 4]
     assert "bench.json" in [a.path for a in client.list_artifacts(runs[0].info.run_id)]
@@ -64,15 +64,24 @@ def test_flops_are_counted_per_student_step(tmp_path):
     assert two_ck > two and four_ck > four
 
 
+def test_unrolled_memory_grows_with_n_and_checkpointed_does_not(tmp_path):
+    """The measured peaks tell the two paths apart: the unrolled graph keeps every step's activations."""
+    raw = bench_json(tmp_path, "--syn-steps", "2", "--width", "32", "--variants", "unrolled,checkpointed",
+                     "--warmup", "0", "--repeats", "1", "--memory-steps", "2,12")
+    unrolled, checkpointed = raw["memory"]["cifar10_ipc1/unrolled"], raw["memory"]["cifar10_ipc1/checkpointed"]
+    assert unrolled["12"] > unrolled["2"] + 30, unrolled  # 10 more steps' activations, tens of MiB
+    assert checkpointed["12"] < checkpointed["2"] + 0.5 * (unrolled["12"] - unrolled["2"]), (checkpointed, unrolled)
+
+
 def test_a_child_reports_its_own_peak_memory_not_its_parents():
     """The per-point memory children must not inherit a large parent's peak (ru_maxrss would)."""
     import subprocess
     import sys
     import torch
-    from ray_mtt.core.bench import peak_rss_mb
+    from ray_mtt.measure.memory import peak_rss_mb
     ballast = torch.ones(2**28)  # 1 GiB in this process
     assert peak_rss_mb() > 1024
-    code = "from ray_mtt.core.bench import peak_rss_mb; print(peak_rss_mb())"
+    code = "from ray_mtt.measure.memory import peak_rss_mb; print(peak_rss_mb())"
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert float(child.stdout) < 900, child.stdout
     del ballast

@@ -57,7 +57,7 @@ def test_no_evaluation_network_starts_at_an_expert_initialisation(tmp_path, digi
     x, y = random_real_set(cfg, digits)
     score(x, y, 0.01, cfg, digits)  # the final evaluation
     for iteration in (0, 1):  # validations during distillation
-        score(x, y, 0.01, cfg, digits, split="val", round_=iteration)
+        score(x, y, 0.01, cfg, digits, split="val", iteration=iteration)
     assert len(inits) == 9 and len(expert_inits) == 3
     assert not any(torch.equal(a, b) for a in inits for b in expert_inits)
     assert len({tuple(a[:8].tolist()) for a in inits}) == 9  # and every evaluation network differs from the others

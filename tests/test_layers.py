@@ -1,7 +1,10 @@
 """The layers, checked by path: ray_mtt/core never imports ray, mlflow, optuna or the layers above
-it, scale never imports cli, and no module imports itself back through others. Imports are read
-from the source (AST) at any depth, inside functions too, so a lazy import cannot hide."""
+it, nor starts them as a subprocess (`[sys.executable, "-m", "ray_mtt.bench"]`); the benchmark
+harness (measure) sees only core; scale never imports cli; and no module imports itself back
+through others. Imports are read from the source (AST) at any depth, inside functions too, so a
+lazy import cannot hide."""
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -36,19 +39,43 @@ def import_graph(root: Path) -> dict[str, set[str]]:
     return {m: {i for i in imports_of(p, root) if i in modules and i != m} for m, p in modules.items()}
 
 
+SHELL_COMMAND = re.compile(r"^\S*python\S*\s+-m\s+(ray_mtt[\w.]*)")  # "python -m ray_mtt.x ..." run as a command
+
+
+def started_modules(path: Path) -> set[str]:
+    """Modules `path` starts as programs: ["-m", "ray_mtt.x"] in an argument list, or a command string."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, (ast.List, ast.Tuple)):
+            items = [e.value if isinstance(e, ast.Constant) else None for e in node.elts]
+            found.update(m for flag, m in zip(items, items[1:]) if flag == "-m" and isinstance(m, str))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and SHELL_COMMAND.match(node.value):
+            found.add(SHELL_COMMAND.match(node.value).group(1))
+    return {m for m in found if m.startswith("ray_mtt")}
+
+
 def violations(root: Path) -> list[str]:
-    """Imports that break the layering rule, as 'module imports name' lines."""
+    """Imports (and started programs) that break the layering rule, as 'module imports name' lines."""
     bad = []
     for path in sorted(root.rglob("*.py")):
         name = module_name(path, root)
         for imported in sorted(imports_of(path, root)):
             top = imported.split(".")[0]
-            upward = top == "ray_mtt" and not imported.startswith("ray_mtt.core")
-            if name.startswith("ray_mtt.core") and (top in ORCHESTRATION or upward):
+            if name.startswith("ray_mtt.core") and (top in ORCHESTRATION or is_above(imported, "ray_mtt.core")):
+                bad.append(f"{name} imports {imported}")
+            if name.startswith("ray_mtt.measure") and (top in ORCHESTRATION or is_above(imported, "ray_mtt.core",
+                                                                                         "ray_mtt.measure")):
                 bad.append(f"{name} imports {imported}")
             if name.startswith("ray_mtt.scale") and imported.startswith("ray_mtt.cli"):
                 bad.append(f"{name} imports {imported}")
+        if name.startswith("ray_mtt.core"):
+            bad += [f"{name} starts {m}" for m in sorted(started_modules(path)) if is_above(m, "ray_mtt.core")]
     return bad
+
+
+def is_above(module: str, *allowed: str) -> bool:
+    """A ray_mtt module outside the `allowed` packages."""
+    return module.split(".")[0] == "ray_mtt" and not module.startswith(allowed)
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -87,12 +114,23 @@ def test_the_checks_catch_a_lazy_import_and_a_cycle(tmp_path):
     (root / "core" / "distill.py").write_text("def main():\n    from ..scale import tracking\n")
     (root / "scale" / "tracking.py").write_text("import mlflow\nfrom ..core.distill import main\n")
     (root / "core" / "data.py").write_text("def f():\n    import ray\n")
-    assert violations(root) == ["ray_mtt.core.data imports ray", "ray_mtt.core.distill imports ray_mtt.scale",
-                                "ray_mtt.core.distill imports ray_mtt.scale.tracking"]
+    (root / "core" / "bench.py").write_text(
+        "import subprocess, sys\n"
+        "def child():\n    subprocess.run([sys.executable, '-m', 'ray_mtt.bench', '--child'])\n"
+        "def shell():\n    subprocess.run('python -m ray_mtt.cli.tune --help', shell=True)\n"
+        "def message():\n    return 'run `python -m ray_mtt.experts` first'  # a hint to the user, not a call\n")
+    (root / "measure").mkdir()
+    (root / "measure" / "problem.py").write_text("from ..core.data import f\nfrom ..scale import tracking\n")
+    assert violations(root) == ["ray_mtt.core.bench starts ray_mtt.bench", "ray_mtt.core.bench starts ray_mtt.cli.tune",
+                                "ray_mtt.core.data imports ray", "ray_mtt.core.distill imports ray_mtt.scale",
+                                "ray_mtt.core.distill imports ray_mtt.scale.tracking",
+                                "ray_mtt.measure.problem imports ray_mtt.scale",
+                                "ray_mtt.measure.problem imports ray_mtt.scale.tracking"]
     assert cycles(import_graph(root)) == [["ray_mtt.core.distill", "ray_mtt.scale.tracking", "ray_mtt.core.distill"]]
 
 
-@pytest.mark.parametrize("module", ["ray_mtt.core.distill", "ray_mtt.core.bench", "ray_mtt.core.profile", "ray_mtt.cli.bench",
+@pytest.mark.parametrize("module", ["ray_mtt.core.distill", "ray_mtt.measure.problem", "ray_mtt.measure.profile",
+                                    "ray_mtt.measure.memory", "ray_mtt.cli.bench",
                                     "ray_mtt.cli.evaluate"])
 def test_torch_only_modules_load_without_ray_or_mlflow(module):
     """At run time too: what a bare GPU box runs never loads them (checked in a fresh interpreter)."""

@@ -1,4 +1,4 @@
-"""Distillation time per iteration and peak memory, for the paper's configs (core/bench.py measures).
+"""Distillation time per iteration and peak memory, for the paper's configs (ray_mtt/measure/ measures).
 
 Every variant runs in the same process, interleaved, after a warmup, and is reported as a ratio
 against the first (the plain unrolled path). Needs only torch: it runs on a bare GPU box.
@@ -12,10 +12,11 @@ import os
 import torch
 
 from ..core.allocator import retain_freed_memory
-from ..core.bench import (CUDA_ONLY, PAPER_3090_S_PER_ITER, VARIANTS, count_flops, device_name, grad_path,
-                          fp32_peak_tflops, make_problem, memory_child, peak_memory_mb, summarize, time_variants)
 from ..core.errors import UserError
-from ..core.profile import profile_iteration
+from ..measure.memory import peak_memory_mb
+from ..measure.problem import (CUDA_ONLY, PAPER_3090_S_PER_ITER, VARIANTS, count_flops, device_name, fp32_peak_tflops,
+                               grad_path, make_problem, summarize, time_variants)
+from ..measure.profile import profile_iteration
 from ..core.train import resolve_device
 from .common import new_parser
 
@@ -48,7 +49,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tracking-uri", help="also log the results as an MLflow run (sqlite:///..., http://...); "
                         "needs mlflow")
     parser.add_argument("--run_dir", default="runs", help="where a local MLflow store keeps its artifacts")
-    parser.add_argument("--_memory-child", nargs=4, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -126,9 +126,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.malloc == "default":
         os.environ["RAY_MTT_MALLOC"] = "default"  # memory children inherit it
     retain_freed_memory()
-    if args._memory_child:
-        name, variant, steps, width = args._memory_child
-        return memory_child(name, variant, int(steps), int(width))
     device = resolve_device(args.device)
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]

@@ -7,6 +7,7 @@ short forms of the most used ones.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import inspect
 import re
 import typing
@@ -18,7 +19,17 @@ import yaml
 from .errors import UserError
 from .storage import is_uri
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # shipped inside the package
+
+
+def _config_dir() -> Path:
+    """The shipped configs: the repository's top-level configs/, installed as the package data ray_mtt.configs."""
+    try:
+        return Path(str(importlib.resources.files("ray_mtt.configs")))
+    except ModuleNotFoundError:  # a checkout run without installing it (e.g. copied to a bare GPU box)
+        return Path(__file__).resolve().parents[2] / "configs"
+
+
+CONFIG_DIR = _config_dir()
 
 
 @dataclass

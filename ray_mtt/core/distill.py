@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from .allocator import retain_freed_memory_on
 from .augment import DSA, AugParams, apply
-from .config import Config
+from .config import Config, DistillConfig
 from .data import Dataset
 from .errors import UserError
 from .evaluate import score
@@ -144,6 +144,31 @@ def _checkpointed_backward(student: FlatModel, syn: SyntheticSet, start: torch.T
 MATCHING_GRAD = {"unrolled": matching_grad_unrolled, "checkpointed": matching_grad_checkpointed}
 
 
+def synthetic_optimizers(syn: SyntheticSet, d: DistillConfig) -> list[torch.optim.Optimizer]:
+    """SGD with momentum 0.5 on the pixels (lr_img) and on alpha (lr_lr), as the authors do."""
+    return [torch.optim.SGD([syn.images], lr=d.lr_img, momentum=0.5), torch.optim.SGD([syn.lr], lr=d.lr_lr, momentum=0.5)]
+
+
+def run_iteration(student: FlatModel, syn: SyntheticSet, trajectory: Trajectory, start_epoch: int,
+                  d: DistillConfig, dsa: DSA, size: int, optimizers: list[torch.optim.Optimizer],
+                  grad_mode: str | None = None, timer: PhaseTimer | NoTimer = NO_TIMER) -> torch.Tensor:
+    """One distillation iteration from a drawn (trajectory, start epoch): read theta*_t and theta*_{t+M},
+    draw the N steps' minibatches and DSA, take the matching gradient, step the optimizers. The
+    distiller, the profiler and the benchmark all run this; returns the matching loss (no host sync)."""
+    device = syn.images.device
+    with timer("expert rows read"):
+        start = trajectory.snapshot(start_epoch).to(device)
+        target = trajectory.snapshot(start_epoch + d.expert_epochs).to(device)
+    with timer("DSA parameter sampling"):
+        plan = sample_plan(len(syn.images), d.syn_steps, d.batch_syn, dsa, size, device)
+    loss = MATCHING_GRAD[grad_mode or d.grad_mode](student, syn, start, target, plan, timer)
+    with timer("optimizer steps"):
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return loss
+
+
 class ExpertPool:
     """Finished experts of a store, opened lazily (one row read per draw) the first time they are drawn."""
 
@@ -205,18 +230,17 @@ class Distiller:
         self.student = FlatModel(model_for(cfg, data.spec).to(self.device))
         self.dsa = DSA(cfg.augment.strategy, cfg.augment.siamese)
         self.syn = init_synthetic(cfg, data, generator(cfg.seed, "distill_init"))
-        self.opt_img = torch.optim.SGD([self.syn.images], lr=cfg.distill.lr_img, momentum=0.5)
-        self.opt_lr = torch.optim.SGD([self.syn.lr], lr=cfg.distill.lr_lr, momentum=0.5)
+        self.optimizers = synthetic_optimizers(self.syn, cfg.distill)
         self.state = {"iteration": 0, "best_val": -1.0, "best_iteration": -1, "seconds": 0.0}
         self.checkpoint = self.out / "checkpoint.pt"
         if self.checkpoint.is_file():
-            self.state = _resume(self.checkpoint, self.syn, self.opt_img, self.opt_lr, self.device)
+            self.state = _resume(self.checkpoint, self.syn, self.optimizers, self.device)
 
-    def validate(self, it: int) -> str:
+    def score_on_val(self, it: int) -> str:
         """Score the current set on the validation split; keep it as best.pt when it is the best so far."""
         d, syn = self.cfg.distill, self.syn
         val = score(syn.images, syn.labels, float(syn.lr.detach()), self.cfg, self.data, models=[self.cfg.model.name],
-                    num_runs=d.eval_runs, split="val", epochs=d.eval_epochs or None, round_=it)[self.cfg.model.name]
+                    num_runs=d.eval_runs, split="val", epochs=d.eval_epochs or None, iteration=it)[self.cfg.model.name]
         if val.mean > self.state["best_val"]:
             self.state.update(best_val=val.mean, best_iteration=it)
             _save(self.out / "best.pt", {**synthetic_file(syn.state(), self.data, self.cfg), "iteration": it,
@@ -233,14 +257,9 @@ class Distiller:
         seed_everything(self.cfg.seed, "distill_iteration", it)
         rng = random.Random(derive_seed(self.cfg.seed, "distill_iteration", it))
         start_epoch = rng.randrange(d.max_start_epoch)
-        traj = self.experts.get(rng.choice(self.experts.indices))
-        start = traj.snapshot(start_epoch).to(self.device)
-        target = traj.snapshot(start_epoch + d.expert_epochs).to(self.device)
-        plan = sample_plan(len(syn.images), d.syn_steps, d.batch_syn, self.dsa, self.data.spec.size, self.device)
-        loss = MATCHING_GRAD[d.grad_mode](self.student, syn, start, target, plan)
-        for opt in (self.opt_img, self.opt_lr):
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        trajectory = self.experts.get(rng.choice(self.experts.indices))
+        loss = run_iteration(self.student, syn, trajectory, start_epoch, d, self.dsa, self.data.spec.size,
+                             self.optimizers)
         loss = float(loss)  # syncs, so the time below is the real step time
         seconds = time.perf_counter() - t0
         self.state["seconds"] += seconds
@@ -252,8 +271,9 @@ class Distiller:
         return loss
 
     def save_checkpoint(self) -> None:
-        _save(self.checkpoint, {**self.syn.state(), **self.state, "opt_img": self.opt_img.state_dict(),
-                                "opt_lr": self.opt_lr.state_dict()})
+        opt_img, opt_lr = self.optimizers
+        _save(self.checkpoint, {**self.syn.state(), **self.state, "opt_img": opt_img.state_dict(),
+                                "opt_lr": opt_lr.state_dict()})
 
     def run(self, progress: bool) -> dict:
         d = self.cfg.distill
@@ -262,7 +282,7 @@ class Distiller:
                    disable=not progress)
         for it in bar:
             if it == d.iterations or (d.eval_every and it % d.eval_every == 0):
-                bar.write(self.validate(it))
+                bar.write(self.score_on_val(it))
             if it == d.iterations:
                 break
             loss = self.step(it)
@@ -288,7 +308,7 @@ def _save(path: Path, obj: dict) -> None:
     LocalStorage(path.parent).write(path.name, buffer.getvalue())
 
 
-def _resume(path: Path, syn: SyntheticSet, opt_img, opt_lr, device) -> dict:
+def _resume(path: Path, syn: SyntheticSet, optimizers: list[torch.optim.Optimizer], device) -> dict:
     try:
         saved = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
@@ -300,6 +320,6 @@ def _resume(path: Path, syn: SyntheticSet, opt_img, opt_lr, device) -> dict:
         syn.images.copy_(saved["images"])
         syn.lr.copy_(saved["lr"])
     syn.labels.copy_(saved["labels"])
-    opt_img.load_state_dict(saved["opt_img"])
-    opt_lr.load_state_dict(saved["opt_lr"])
+    for opt, key in zip(optimizers, ("opt_img", "opt_lr")):
+        opt.load_state_dict(saved[key])
     return {k: saved[k] for k in ("iteration", "best_val", "best_iteration", "seconds")}

@@ -63,16 +63,16 @@ def train_and_score(model_name: str, images: torch.Tensor, labels: torch.Tensor,
     return accuracy(model, x_eval, y_eval, data.preprocess)
 
 
-def evaluation_stream(split: str, round_: int, run: int) -> tuple:
-    """The random stream of one evaluation network: (purpose, round, run)."""
-    return ("validation" if split == "val" else "evaluation", round_, run)
+def evaluation_stream(split: str, iteration: int, run: int) -> tuple:
+    """The random stream of one evaluation network: (purpose, distillation iteration, run)."""
+    return ("validation" if split == "val" else "evaluation", iteration, run)
 
 
 def score(images: torch.Tensor, labels: torch.Tensor, lr: float, cfg: Config, data: Dataset,
           models: list[str] | None = None, num_runs: int | None = None, split: str = "test",
-          epochs: int | None = None, round_: int = 0, progress: bool = False) -> dict[str, Score]:
+          epochs: int | None = None, iteration: int = 0, progress: bool = False) -> dict[str, Score]:
     """Accuracy of networks trained on (images, labels), per architecture, on the val or test split.
-    `round_` tells apart repeated scorings (each validation during distillation is one round)."""
+    `iteration` tells repeated scorings apart: the distillation iteration a validation belongs to (0 otherwise)."""
     x_eval, y_eval = (data.x_val, data.y_val) if split == "val" else (data.x_test, data.y_test)
     if len(x_eval) == 0:
         raise UserError(f"the {split} split is empty; raise data.val_per_class to hold out validation images")
@@ -83,7 +83,7 @@ def score(images: torch.Tensor, labels: torch.Tensor, lr: float, cfg: Config, da
                 disable=not progress, leave=False)
     for name, run in jobs:
         acc = train_and_score(name, images, labels, lr, cfg, data, x_eval, y_eval,
-                              evaluation_stream(split, round_, run), epochs=epochs)
+                              evaluation_stream(split, iteration, run), epochs=epochs)
         results.setdefault(name, Score(name, [])).accs.append(acc)
     return results
 

@@ -113,11 +113,11 @@ def expert_worker(loop_config: dict) -> None:
     if dist.is_initialized():
         dist.barrier()
     batches = epoch_batches(cfg, data) if rounds else None
-    for round_ in rounds:
+    for this_round in rounds:
         summary = {"expert": -1}  # a worker without an expert this round still reports, to pass the barrier
-        if rank < len(round_):
-            info = train_expert(cfg, data, store, round_[rank], batches=batches)
-            summary = {"expert": round_[rank], "test_acc": info["epochs"][-1]["test_acc"],
+        if rank < len(this_round):
+            info = train_expert(cfg, data, store, this_round[rank], batches=batches)
+            summary = {"expert": this_round[rank], "test_acc": info["epochs"][-1]["test_acc"],
                        "train_seconds": sum(e.get("seconds") or 0 for e in info["epochs"])}
         ray.train.report({**summary, "rank": rank, "world": world})
 

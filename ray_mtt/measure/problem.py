@@ -1,9 +1,10 @@
 """Distillation time per iteration and peak memory, for the paper's configs.
 
-Timing does not depend on image content, so no dataset is needed: the synthetic set, the expert
-start and target are random tensors of the right shapes (dataset resolution, IPC x classes,
-ConvNet of the config's depth). Every variant runs in the same process, interleaved, after a
-warmup, and is reported as a ratio against the plain unrolled path:
+Timing does not depend on image content, so no dataset is needed: the synthetic set and a one-expert
+trajectory store (written to a temporary folder, read row by row as the distiller reads it) hold
+random tensors of the right shapes (dataset resolution, IPC x classes, ConvNet of the config's depth).
+Each timed iteration is the distiller's own, `core.distill.run_iteration`. Every variant runs in the
+same process, interleaved, after a warmup, and is reported as a ratio against the plain unrolled path:
 
   unrolled       the reference: the whole N-step graph kept, fp32, NCHW
   checkpointed   exact same gradient, one step's graph alive at a time (memory flat in N)
@@ -17,30 +18,27 @@ FLOPs are counted (torch.utils.flop_counter over one iteration: convolutions and
 backward and double backward), and set against the device's fp32 peak measured here with a large
 matmul (TF32 off).
 
-Peak memory: on CUDA the allocator's peak over the first two iterations of a fresh problem (one-time
-buffers such as a CUDA graph's pool included); on CPU the peak resident-set growth of one iteration,
-measured in a fresh child process per point (CPU allocators expose no peak).
-The command line is `python -m ray_mtt.bench` (cli/bench.py); needs only torch (runs on a bare GPU box).
+Peak memory is measured in memory.py.
 """
 from __future__ import annotations
 
 import contextlib
 import platform
-import resource
 import statistics
-import subprocess
-import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from .augment import DSA
-from .config import Config, apply_overrides, default_config_path, load_yaml
-from .datasets import get_spec
-from .distill import MATCHING_GRAD, SyntheticSet, sample_plan
-from .errors import UserError
-from .models import FlatModel, model_for
+from ..core.augment import DSA
+from ..core.config import Config, apply_overrides, default_config_path, load_yaml
+from ..core.datasets import get_spec
+from ..core.distill import MATCHING_GRAD, SyntheticSet, run_iteration, sample_plan, synthetic_optimizers
+from ..core.errors import UserError
+from ..core.models import FlatModel, model_for
+from ..core.timing import NO_TIMER, NoTimer, PhaseTimer
+from ..core.trajectories import Trajectory, TrajectoryStore
 
 VARIANTS = ("unrolled", "checkpointed", "channels_last", "tf32", "bf16", "cuda_graph")
 CUDA_ONLY = ("tf32", "cuda_graph")
@@ -55,11 +53,26 @@ class Problem:
     cfg: Config
     student: FlatModel
     syn: SyntheticSet
-    start: torch.Tensor
-    target: torch.Tensor
+    trajectory: Trajectory  # one expert whose rows 0 and M are the iteration's start and target
     dsa: DSA
     size: int
+    optimizers: list = field(default_factory=list)
+    folder: tempfile.TemporaryDirectory | None = None  # holds the trajectory store; removed with the problem
     graph: "GraphedIteration | None" = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.syn.images.device
+
+
+def write_trajectory(root: str, start: torch.Tensor, snapshots: int) -> Trajectory:
+    """One finished expert with rows of the student's size, in the format experts write."""
+    store = TrajectoryStore(root)
+    store.init({"bench": True})
+    for epoch in range(snapshots):
+        store.save_epoch(0, epoch, start + 0.01 * epoch * torch.randn_like(start), {})
+    store.finish(0, {})
+    return store.open(0)
 
 
 def make_problem(name: str, device: torch.device, syn_steps: int | None = None, width: int | None = None) -> Problem:
@@ -67,21 +80,22 @@ def make_problem(name: str, device: torch.device, syn_steps: int | None = None, 
     if not dataset or not ipc.isdigit():
         raise UserError(f"config name {name!r} must look like <dataset>_ipc<k> (e.g. cifar10_ipc10)")
     cfg = apply_overrides(Config(), load_yaml(default_config_path(dataset, int(ipc))), name)
-    if syn_steps:
-        cfg.distill.syn_steps = syn_steps
-    if width:
-        cfg.model.width = width
+    d = cfg.distill
+    d.syn_steps = syn_steps or d.syn_steps
+    cfg.model.width = width or cfg.model.width
+    # The config's shapes, not its step sizes: random content would drift under lr_img, and an SGD
+    # step costs the same whatever its lr.
+    d.lr_img = d.lr_lr = 1e-9
     spec = get_spec(cfg.data.dataset)
     torch.manual_seed(0)
     student = FlatModel(model_for(cfg, spec).to(device))
-    start = student.flatten()
-    target = start + 0.01 * torch.randn_like(start)
-    n = cfg.distill.ipc * spec.num_classes
-    images = torch.randn(n, spec.channels, spec.size, spec.size, device=device)
-    labels = torch.arange(spec.num_classes, device=device).repeat_interleave(cfg.distill.ipc)
-    syn = SyntheticSet(images.requires_grad_(True), labels,
-                       torch.tensor(cfg.distill.lr_teacher, device=device).requires_grad_(True))
-    return Problem(cfg, student, syn, start, target, DSA(cfg.augment.strategy), spec.size)
+    folder = tempfile.TemporaryDirectory(prefix="ray_mtt_bench_")
+    trajectory = write_trajectory(folder.name, student.flatten().cpu(), d.expert_epochs + 1)
+    images = torch.randn(d.ipc * spec.num_classes, spec.channels, spec.size, spec.size, device=device)
+    labels = torch.arange(spec.num_classes, device=device).repeat_interleave(d.ipc)
+    syn = SyntheticSet(images.requires_grad_(True), labels, torch.tensor(d.lr_teacher, device=device).requires_grad_(True))
+    return Problem(cfg, student, syn, trajectory, DSA(cfg.augment.strategy), spec.size, synthetic_optimizers(syn, d),
+                   folder)
 
 
 @contextlib.contextmanager
@@ -94,7 +108,7 @@ def variant_settings(variant: str, problem: Problem):
     problem.student.module.to(memory_format=fmt)
     with torch.no_grad():
         problem.syn.images.data = problem.syn.images.data.contiguous(memory_format=fmt)
-    autocast = torch.autocast(problem.start.device.type, torch.bfloat16, enabled=variant == "bf16")
+    autocast = torch.autocast(problem.device.type, torch.bfloat16, enabled=variant == "bf16")
     try:
         with autocast:
             yield
@@ -108,15 +122,16 @@ def grad_path(variant: str) -> str:
 
 
 class GraphedIteration:
-    """One unrolled iteration captured as a CUDA graph, on its own static copies of the inputs (other
-    variants replace the problem's tensors), replayed as a whole."""
+    """The matching gradient of one unrolled iteration captured as a CUDA graph, on its own static
+    copies of the inputs (other variants replace the problem's tensors), replayed as a whole. The
+    only variant that is not run_iteration: a graph cannot hold the host-side row read and draws."""
 
     def __init__(self, problem: Problem):
-        d, device = problem.cfg.distill, problem.start.device
+        d, device = problem.cfg.distill, problem.device
         syn, self.student = problem.syn, problem.student
         self.syn = SyntheticSet(syn.images.detach().clone().requires_grad_(True), syn.labels,
                                 syn.lr.detach().clone().requires_grad_(True))
-        self.start, self.target = problem.start.clone(), problem.target.clone()
+        self.start, self.target = (problem.trajectory.snapshot(e).to(device) for e in (0, d.expert_epochs))
         self.plan = sample_plan(len(syn.images), d.syn_steps, d.batch_syn, problem.dsa, problem.size, device)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -142,84 +157,45 @@ class GraphedIteration:
         self.graph.replay()
 
 
-def one_iteration(problem: Problem, variant: str) -> None:
-    d = problem.cfg.distill
+def variant_iteration(problem: Problem, variant: str, timer: PhaseTimer | NoTimer = NO_TIMER) -> None:
+    """One distillation iteration (the distiller's run_iteration) under a variant's settings."""
     if variant == "cuda_graph":
         if problem.graph is None:
             problem.graph = GraphedIteration.capture(problem)
         return problem.graph.replay()
     with variant_settings(variant, problem):
-        plan = sample_plan(len(problem.syn.images), d.syn_steps, d.batch_syn, problem.dsa, problem.size,
-                           problem.start.device)
-        MATCHING_GRAD[grad_path(variant)](problem.student, problem.syn, problem.start, problem.target, plan)
-        problem.syn.images.grad = problem.syn.lr.grad = None
+        run_iteration(problem.student, problem.syn, problem.trajectory, 0, problem.cfg.distill, problem.dsa,
+                      problem.size, problem.optimizers, grad_path(variant), timer)
 
 
 def time_variants(problem: Problem, variants: list[str], warmup: int, repeats: int) -> dict[str, list[float]]:
     """Seconds per iteration of each variant, interleaved so drift hits all of them alike."""
-    device = problem.start.device
+    device = problem.device
     times = {v: [] for v in variants}
     for v in variants:
         for _ in range(warmup):
-            one_iteration(problem, v)
+            variant_iteration(problem, v)
     for _ in range(repeats):
         for v in variants:
             if device.type == "cuda":
                 begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 begin.record()
-                one_iteration(problem, v)
+                variant_iteration(problem, v)
                 end.record()
                 torch.cuda.synchronize(device)
                 times[v].append(begin.elapsed_time(end) / 1000)
             else:
                 t0 = time.perf_counter()
-                one_iteration(problem, v)
+                variant_iteration(problem, v)
                 times[v].append(time.perf_counter() - t0)
     return times
-
-
-def peak_memory_mb(name: str, variant: str, device: torch.device, syn_steps: int | None, width: int | None) -> float:
-    if device.type == "cuda":
-        problem = make_problem(name, device, syn_steps, width)
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        for _ in range(2):  # the first also pays one-time buffers (cuDNN workspaces, a CUDA graph's pool)
-            one_iteration(problem, variant)
-        torch.cuda.synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    # CPU: a fresh process per point, since a process's peak RSS can only grow.
-    args = [sys.executable, "-m", "ray_mtt.bench", "--_memory-child", name, variant, str(syn_steps or 0), str(width or 0)]
-    out = subprocess.run(args, capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
-
-
-def memory_child(name: str, variant: str, syn_steps: int, width: int) -> None:
-    problem = make_problem(name, torch.device("cpu"), syn_steps or None, width or None)
-    # No warmup here: glibc keeps freed memory resident, so after one iteration the RSS would
-    # already sit at the peak and the growth of a second would read as ~0.
-    before = _rss_mb()
-    one_iteration(problem, variant)
-    print(max(0.0, peak_rss_mb() - before))
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-def peak_rss_mb() -> float:
-    """This process's peak RSS (VmHWM). Not ru_maxrss: Linux carries that across fork and exec, so a
-    child started by a large parent would report the parent's peak."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
 def count_flops(problem: Problem, path: str) -> int:
     """FLOPs of one iteration of a path, counted by torch's flop counter (convolutions and matmuls)."""
     from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False) as counter:
-        one_iteration(problem, path)
+        variant_iteration(problem, path)
     return counter.get_total_flops()
 
 
