@@ -7,8 +7,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ray_mtt.bench import main  # noqa: E402
-from ray_mtt.errors import run_cli  # noqa: E402
+from ray_mtt.cli.bench import main  # noqa: E402
+from ray_mtt.cli.common import run_cli  # noqa: E402
 
 if __name__ == "__main__":
     run_cli(main)

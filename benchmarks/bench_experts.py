@@ -22,11 +22,12 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster, s
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from ray_mtt.config import Config  # noqa: E402
-from ray_mtt.data import load_dataset  # noqa: E402
-from ray_mtt.experts import train_experts  # noqa: E402
-from ray_mtt.experts_job import run_job  # noqa: E402
-from ray_mtt.trajectories import TrajectoryStore  # noqa: E402
+from ray_mtt.core.config import Config  # noqa: E402
+from ray_mtt.core.data import load_dataset  # noqa: E402
+from ray_mtt.core.experts import train_experts  # noqa: E402
+from ray_mtt.core.trajectories import TrajectoryStore  # noqa: E402
+from ray_mtt.scale.experts_job import run_job  # noqa: E402
+from ray_mtt.scale.options import JobResources  # noqa: E402
 
 
 def small(run_dir: str, args) -> Config:
@@ -70,7 +71,8 @@ def main() -> None:
                  runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
         for workers in (1, 2):
             cfg = small(f"{tmp}/ray{workers}", args)
-            rows.append(measure("ray", cfg, workers, lambda: run_job(cfg, workers=workers, progress_every_s=600)))
+            resources = JobResources(workers=workers, min_workers=workers, use_gpu="no")
+            rows.append(measure("ray", cfg, workers, lambda: run_job(cfg, None, resources, progress_every_s=600)))
         ray.shutdown()
     if args.out:
         Path(args.out).write_text(json.dumps({"device": platform.processor() or platform.machine(),

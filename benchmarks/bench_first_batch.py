@@ -46,7 +46,8 @@ def write_tiny_imagenet(root: Path, train_per_class: int = 500, classes: int = 2
 def first_batch_seconds(dataset: str, data_dir: Path, workdir: Path) -> dict:
     from ray_mtt.core.config import Config
     from ray_mtt.core.trajectories import TrajectoryStore
-    from ray_mtt.scale.experts_job import JobResources, run_job
+    from ray_mtt.scale.experts_job import run_job
+    from ray_mtt.scale.options import JobResources
     s3 = S3Endpoint()
     os.environ.update(s3.env)
     bed = SharedNothingCluster(workdir, hidden=[data_dir], env=s3.env)
@@ -61,7 +62,7 @@ def first_batch_seconds(dataset: str, data_dir: Path, workdir: Path) -> dict:
         nbytes = read_splits(cfg.data).nbytes  # the driver's share, timed on its own (run_job reads again)
         read_s = time.time() - t0
         start = time.time()
-        run_job(cfg.validate().absolute_paths(), bed.address, JobResources(max_workers=1, use_gpu="no"),
+        run_job(cfg.validate().absolute_paths(), bed.address, JobResources(workers=1, use_gpu="no"),
                 progress_every_s=3600)
         first = TrajectoryStore(cfg.experts.dir).open(0).info["epochs"][1]
         return {"dataset": dataset, "driver_read_seconds": read_s, "data_mib": nbytes / 2**20,

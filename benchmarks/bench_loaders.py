@@ -23,12 +23,14 @@ from pathlib import Path
 
 import torch
 
-from ray_mtt.augment import DSA
-from ray_mtt.beton import beton_file, write_beton
-from ray_mtt.config import Config
-from ray_mtt.data import load_dataset
-from ray_mtt.experts import build_expert_model, epoch_batches
-from ray_mtt.train import resolve_device, train_epoch
+from ray_mtt.core.augment import DSA
+from ray_mtt.core.beton import beton_file, write_beton
+from ray_mtt.core.config import Config
+from ray_mtt.core.data import load_dataset
+from ray_mtt.core.experts import epoch_batches
+from ray_mtt.core.models import model_for
+from ray_mtt.core.seeds import derive_seed
+from ray_mtt.core.train import resolve_device, train_epoch
 
 VARIANTS = {"tensor": ("tensor", "raw"), "ffcv_raw": ("ffcv", "raw"), "ffcv_jpg": ("ffcv", "jpg")}
 
@@ -77,14 +79,15 @@ def bench(args, tmp: str, mode: str) -> dict:
                   f"{time.perf_counter() - start:.1f} s", flush=True)
         batches = epoch_batches(cfg, data)
         torch.manual_seed(0)
-        model = build_expert_model(cfg, data.spec).to(device)
+        model = model_for(cfg, data.spec).to(device)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
         augment = DSA(cfg.augment.strategy)
 
         def epoch(e, batches=batches, data=data, model=model, optimizer=optimizer, augment=augment):
+            order = derive_seed(0, "expert_order", 0, e)  # expert 0's epoch e, as expert training draws it
             if mode == "load":
-                return load_epoch(batches(0, e), data.preprocess, device)
-            train_epoch(model, optimizer, batches(0, e), data.preprocess, augment)
+                return load_epoch(batches(order), data.preprocess, device)
+            train_epoch(model, optimizer, batches(order), data.preprocess, augment)
             sync(device)
             return len(data.y_train)
         runs[variant] = epoch

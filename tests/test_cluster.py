@@ -24,7 +24,8 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from ray_mtt.core.errors import UserError  # noqa: E402
 from ray_mtt.core.trajectories import TrajectoryStore  # noqa: E402
-from ray_mtt.scale.experts_job import JobResources, run_job  # noqa: E402
+from ray_mtt.scale.experts_job import run_job  # noqa: E402
+from ray_mtt.scale.options import JobResources  # noqa: E402
 from tests.cluster_bed import BUCKET, S3Endpoint, SharedNothingCluster, free_port  # noqa: E402
 from tests.helpers import REPO, assert_store_complete, needs_ffcv, tiny_config  # noqa: E402
 
@@ -89,11 +90,25 @@ def test_experts_train_on_workers_that_cannot_see_the_data_and_land_in_s3(bed, s
     assert os.path.exists(bed.private / "data" / "mnist.npz")
     assert not any(bed.sees(bed.private / "data" / "mnist.npz", node) for node in bed.worker_node_ids())
     cfg = expert_config(bed)
-    store = run_job(cfg, bed.address, JobResources(max_workers=2, min_workers=2, use_gpu="no"))
+    store = run_job(cfg, bed.address, JobResources(workers=2, min_workers=2, use_gpu="no"))
     assert overlapping(assert_complete(store))
     keys = s3.keys("experts/")
     assert "experts/expert_0003.npy" in keys and any(k.startswith("experts/_ray/") for k in keys)
     assert not list(bed.private.glob("**/expert_*"))  # nothing written to the driver's disk
+
+
+def wait_for_a_pending_gpu_request(timeout_s: float = 180) -> None:
+    """Until a placement group that asks for a GPU waits to be placed (read from Ray's GCS): the job
+    has asked for GPUs and cannot start on a cluster without them. A job that asked for none would
+    never show one, and this fails."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if ray.is_initialized():
+            for group in ray.util.placement_group_table().values():
+                if group["state"] == "PENDING" and any(b.get("GPU", 0) > 0 for b in group["bundles"].values()):
+                    return
+        time.sleep(0.5)
+    pytest.fail(f"no placement group asked for a GPU within {timeout_s:.0f} s")
 
 
 def test_the_job_asks_for_gpus_waits_for_them_and_grows_as_nodes_join(bed):
@@ -105,13 +120,13 @@ def test_the_job_asks_for_gpus_waits_for_them_and_grows_as_nodes_join(bed):
 
     def job():
         try:
-            run_job(cfg, bed.address, JobResources(max_workers=2, min_workers=1, use_gpu="yes", resize_check_s=2))
+            run_job(cfg, bed.address, JobResources(workers=2, min_workers=1, use_gpu="yes", resize_check_s=2))
         except Exception as e:  # noqa: BLE001 - reported by the assertion below
             errors.append(e)
 
     thread = threading.Thread(target=job, daemon=True)
     thread.start()
-    time.sleep(10)
+    wait_for_a_pending_gpu_request()  # the event: Ray holds the job's GPU bundle, unplaceable on this cluster
     assert not store.completed() and not store.saved_epoch_count(0), "trained without a GPU node"
     bed.add_worker(cpus=1, gpus=1)
     deadline = time.time() + 120
@@ -144,7 +159,7 @@ def test_losing_a_node_mid_expert_loses_at_most_the_epoch_in_flight(bed):
             time.sleep(0.05)
 
     threading.Thread(target=kill_when_mid_expert, daemon=True).start()
-    run_job(cfg, bed.address, JobResources(max_workers=2, min_workers=1, use_gpu="no", max_failures=3))
+    run_job(cfg, bed.address, JobResources(workers=2, min_workers=1, use_gpu="no", max_failures=3))
     assert killed.is_set()
     epochs = assert_complete(store)
     for k, saved in saved_before.items():
@@ -237,7 +252,7 @@ def test_a_beton_written_once_reaches_workers_through_the_bucket(bed, s3):
     bed.add_worker(cpus=1)
     cfg = expert_config(bed, prefix="beton_experts")
     cfg.data.loader = "ffcv"
-    store = run_job(cfg, bed.address, JobResources(max_workers=1, use_gpu="no"))
+    store = run_job(cfg, bed.address, JobResources(workers=1, use_gpu="no"))
     assert_complete(store)
     assert [k for k in s3.keys("beton_experts/_data/") if k.endswith(".beton")]
 

@@ -58,3 +58,34 @@ def test_unknown_yaml_keys_are_named(tmp_path):
     bad.write_text("distill: [\n")
     with pytest.raises(UserError, match="not valid YAML"):
         parse("--config", str(bad))
+
+
+@pytest.mark.parametrize("cls_name", ["JobResources", "SweepOptions"])
+def test_job_and_sweep_options_come_from_their_one_declaration(cls_name):
+    """Flags, help, types, choices and defaults of the experts job and the sweep all come from the
+    dataclass in scale/options.py: no flag without a field, no field without a flag."""
+    import dataclasses
+
+    from ray_mtt.cli.common import add_options, options_from_args
+    from ray_mtt.core.config import field_help
+    from ray_mtt.scale import options
+    cls = getattr(options, cls_name)
+    parser = argparse.ArgumentParser()
+    add_options(parser, cls, "options")
+    assert options_from_args(cls, parser.parse_args([])) == cls()  # defaults: the declaration's
+    helps = field_help(cls)
+    by_dest = {a.dest: a for a in parser._actions if a.dest != "help"}
+    assert set(by_dest) == {f.name for f in dataclasses.fields(cls)}
+    for name, action in by_dest.items():
+        assert helps[name] and helps[name] in action.help, name
+    if cls_name == "JobResources":
+        parsed = options_from_args(cls, parser.parse_args(["--workers", "4", "--use-gpu", "no", "--gpus-per-worker", "0.25"]))
+        assert (parsed.workers, parsed.use_gpu, parsed.gpus_per_worker) == (4, "no", 0.25)
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--use-gpu", "maybe"])  # choices from the Literal
+    else:
+        parsed = options_from_args(cls, parser.parse_args(["--no-asha", "--space", "a=1", "--space", "b=choice:1,2",
+                                                           "--eval-models", "convnet,alexnet", "--make-experts"]))
+        assert (parsed.asha, parsed.make_experts) == (False, True)
+        assert parsed.space == ["a=1", "b=choice:1,2"] and parsed.eval_models == ["convnet", "alexnet"]
+        assert cls().space == []  # appending did not touch the declaration's default

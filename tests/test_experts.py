@@ -45,6 +45,25 @@ def test_killed_expert_resumes_without_redoing_epochs_and_matches_uninterrupted(
         assert torch.equal(resumed.snapshot(e), reference.snapshot(e))
 
 
+def test_each_experts_epoch_draws_its_batch_order_from_its_own_stream(tmp_path, digits):
+    """(expert, epoch) -> derive_seed(seed, "expert_order", expert, epoch): never seed + epoch, under
+    which expert 0's epoch 1 and expert 1's epoch 0 could share an order."""
+    from ray_mtt.core.experts import epoch_batches
+    from ray_mtt.core.seeds import derive_seed
+    cfg = tiny_config(tmp_path)
+    store, seeds = open_store_for_training(cfg, digits.spec), []
+    shuffled = epoch_batches(cfg, digits)
+
+    def recording(seed):
+        seeds.append(seed)
+        return shuffled(seed)
+    for index in (0, 1):
+        train_expert(cfg, digits, store, index, batches=recording)
+    assert seeds == [derive_seed(cfg.seed, "expert_order", k, e) for k in (0, 1) for e in range(1, cfg.experts.epochs + 1)]
+    first_batches = [next(iter(shuffled(s)))[1] for s in seeds]
+    assert len({tuple(labels.tolist()) for labels in first_batches}) == len(seeds)
+
+
 def test_finished_experts_are_skipped(tmp_path, digits):
     cfg = tiny_config(tmp_path)
     store = train_experts(cfg, digits, progress=False)

@@ -15,7 +15,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # before ray starts; Ray 2.6
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from ray_mtt.scale.experts_job import JobResources, run_job  # noqa: E402
+from ray_mtt.scale.experts_job import run_job  # noqa: E402
+from ray_mtt.scale.options import JobResources  # noqa: E402
 from ray_mtt.core.trajectories import TrajectoryStore  # noqa: E402
 from tests.helpers import REPO, assert_store_complete, needs_ffcv, tiny_config  # noqa: E402
 
@@ -81,7 +82,7 @@ def test_workers_train_experts_concurrently_and_survive_a_killed_worker(cluster,
     store = TrajectoryStore(cfg.expert_dir)
     fault = FaultWhenMidExpert(store, lambda: train_workers()[0].send_signal(signal.SIGKILL))
     fault.start()
-    run_job(cfg, cluster.address, JobResources(max_workers=2, min_workers=2, max_failures=3))
+    run_job(cfg, cluster.address, JobResources(workers=2, min_workers=2, max_failures=3))
     epochs = assert_complete_and_uncorrupted(store)
     assert_saved_epochs_not_redone(epochs, fault)
     # Two experts trained at once: their epoch-save windows overlap.
@@ -94,7 +95,7 @@ def test_workers_stream_experts_from_a_beton(cluster, tmp_path):
     from ray_mtt.core.beton import beton_file
     cfg = job_config(tmp_path)
     cfg.data.loader = "ffcv"
-    run_job(cfg, cluster.address, JobResources(max_workers=2, min_workers=2, max_failures=0))
+    run_job(cfg, cluster.address, JobResources(workers=2, min_workers=2, max_failures=0))
     assert_complete_and_uncorrupted(TrajectoryStore(cfg.expert_dir))
     assert [p.name for p in beton_file(cfg).parent.glob("*.beton")] == [beton_file(cfg).name]  # one file, no temps
 

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib.util
 import sys
+import typing
 from typing import Callable
 
 from ..core.config import (SECTIONS, Config, field_types, parse_value, apply_overrides, default_config_path,
@@ -15,6 +17,7 @@ from ..core.errors import UserError
 from ..core.experts import load_expert_data, train_experts
 from ..core.train import resolve_device
 from ..core.trajectories import TrajectoryStore
+from ..scale.options import JobResources
 
 
 def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
@@ -143,6 +146,40 @@ def finish_tracking(tracked, scores: dict, summary: dict) -> None:
         tracked.finish(scores, summary)
 
 
+# ---------------------------------------------------------------- options dataclasses
+def add_options(parser: argparse.ArgumentParser, cls, title: str) -> None:
+    """One flag per field of an options dataclass (scale/options.py): `--field-name` with the field's
+    type, choices (a Literal) and default, and its comment as help; a bool that defaults to True is
+    `--no-field-name`, a list is comma-separated (or one item per flag with action "append"). Field
+    metadata passes extra argparse settings."""
+    group = parser.add_argument_group(title)
+    helps, kinds = field_help(cls), field_types(cls)
+    for f in dataclasses.fields(cls):
+        kind = kinds[f.name]
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        shown = (",".join(default) or "none") if isinstance(default, list) else repr(default)
+        settings = {"dest": f.name, "default": default, "help": f"{helps.get(f.name, '')} (default: {shown})"}
+        flag = "--" + f.name.replace("_", "-")
+        if kind is bool:
+            settings["action"] = "store_false" if default else "store_true"
+            if default:  # the flag turns it off
+                flag, settings["help"] = flag.replace("--", "--no-"), f"turn off: {helps.get(f.name, '')}"
+        elif typing.get_origin(kind) is typing.Literal:
+            settings["choices"] = typing.get_args(kind)
+        elif typing.get_origin(kind) is list and f.metadata.get("action") == "append":
+            settings["type"] = str  # one item per repeated flag (items may hold commas)
+        elif typing.get_origin(kind) is list:
+            settings["type"] = lambda text: [item for item in text.split(",") if item]
+        else:
+            settings["type"] = kind
+        group.add_argument(flag, **{**settings, **f.metadata})
+
+
+def options_from_args(cls, args: argparse.Namespace):
+    """The options dataclass `add_options` made flags for, filled from the parsed flags."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
 # ---------------------------------------------------------------- where experts train
 def add_job_args(parser: argparse.ArgumentParser) -> None:
     """Flags that choose where experts train: Ray Train workers (scale/experts_job.py) or this process."""
@@ -151,17 +188,7 @@ def add_job_args(parser: argparse.ArgumentParser) -> None:
     job.add_argument("--engine", choices=("ray", "local"), default="ray" if has_ray else "local",
                      help="ray: Ray Train workers (default when ray is installed); local: this process, torch only")
     job.add_argument("--address", help="Ray cluster address (default: the one running here, else a new local one)")
-    job.add_argument("--workers", type=int, default=0,
-                     help="most Ray Train workers (default: one per unfinished expert; an autoscaler adds nodes for them)")
-    job.add_argument("--min-workers", type=int, default=1, help="the job starts once this many workers fit, then grows")
-    job.add_argument("--use-gpu", choices=("auto", "yes", "no"), default="auto",
-                     help="auto: when the cluster has GPUs or its autoscaler config has GPU node types")
-    job.add_argument("--gpus-per-worker", type=float, default=1.0,
-                     help="GPUs per worker, fractional allowed (0.25: four ConvNet experts share a GPU)")
-    job.add_argument("--cpus-per-worker", type=float, default=1.0)
-    job.add_argument("--max-failures", type=int, default=3, help="worker-group restarts before the job gives up")
-    job.add_argument("--resize-check-s", type=float, default=60.0,
-                     help="how often Ray Train considers adding workers as nodes arrive")
+    add_options(parser, JobResources, "expert job on Ray")
 
 
 def make_experts(cfg: Config, args: argparse.Namespace, data: Dataset | None = None,
@@ -170,11 +197,8 @@ def make_experts(cfg: Config, args: argparse.Namespace, data: Dataset | None = N
     if args.engine == "ray":
         if importlib.util.find_spec("ray") is None:
             raise UserError("--engine ray needs ray (pip install 'ray[train]'); or pass --engine local")
-        from ..scale.experts_job import JobResources, run_job
-        resources = JobResources(max_workers=args.workers, min_workers=args.min_workers, use_gpu=args.use_gpu,
-                                 gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
-                                 max_failures=args.max_failures, resize_check_s=args.resize_check_s)
-        return run_job(cfg.absolute_paths(), args.address, resources)
+        from ..scale.experts_job import run_job
+        return run_job(cfg.absolute_paths(), args.address, options_from_args(JobResources, args))
     return train_experts(cfg, data or load_expert_data(cfg, resolve_device(cfg.device)), progress=progress)
 
 

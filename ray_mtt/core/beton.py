@@ -109,8 +109,8 @@ def ensure_beton(cfg: Config) -> Path:
 
 
 class BetonBatches:
-    """FFCV's loader over one .beton: `epoch(seed, e)` is one epoch of (uint8 images, labels)
-    minibatches on `device`, in the order numpy's generator seeded with `seed + e` draws."""
+    """FFCV's loader over one .beton: `epoch(seed)` is one epoch of (uint8 images, labels)
+    minibatches on `device`, in the order numpy's generator seeded with `seed` draws."""
 
     def __init__(self, path: Path, batch_size: int, device: torch.device, num_samples: int,
                  image_shape: tuple[int, int, int], workers: int = 0):
@@ -138,8 +138,8 @@ class BetonBatches:
                                            ToTorchImage(channels_last=False)],
                                  "label": [IntDecoder(), ToTensor(), Squeeze(1), ToDevice(device, non_blocking)]})
 
-    def epoch(self, seed: int, epoch: int):
-        # FFCV draws the order from its traversal's seed + next_epoch; one loader serves every
-        # expert (building one compiles its pipeline), so the seed is set per call.
-        self.loader.traversal_order.seed, self.loader.next_epoch = seed, epoch
+    def epoch(self, seed: int):
+        # FFCV draws the order from its traversal's seed + next_epoch, an additive pattern; one loader
+        # serves every expert (building one compiles its pipeline), so the whole seed is set per call.
+        self.loader.traversal_order.seed, self.loader.next_epoch = seed, 0
         return self.loader

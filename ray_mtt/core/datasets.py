@@ -118,6 +118,8 @@ def _cifar_images(batch: dict, path: Path) -> np.ndarray:
 
 def read_cifar_batches(folder: Path, train_files: list[str], test_files: list[str], label_key: bytes,
                        meta_file: str, names_key: bytes) -> RawSplits:
+    # Not torchvision's CIFAR10/100: it refuses any file whose md5 is not the official one ("corrupted"),
+    # so a re-packed or subset folder (the form a DD-Ranking-style evaluator writes) could not be read.
     def load(files):
         xs, ys = [], []
         for name in files:

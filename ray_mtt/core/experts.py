@@ -42,20 +42,20 @@ def load_expert_data(cfg: Config, device: torch.device | str) -> Dataset:
     return load_dataset(cfg.data, device, keep_train=cfg.data.loader == "tensor")
 
 
-EpochBatches = Callable[[int, int], Iterable]  # (order seed, epoch) -> that epoch's (uint8 images, labels) minibatches
+EpochBatches = Callable[[int], Iterable]  # order seed -> one epoch of (uint8 images, labels) minibatches in that order
 
 
 def epoch_batches(cfg: Config, data: Dataset) -> EpochBatches:
-    """The training split's minibatches on the device, in an order fixed by (order seed, epoch), so
-    a resumed expert sees the data it would have seen. Build it once per process: the FFCV loader
+    """The training split's minibatches on the device, in the order one seed fixes (each expert's
+    epoch has its own stream, seeds.py), so a resumed expert sees the data it would have seen. Build it once per process: the FFCV loader
     compiles its pipeline (seconds) on first use, then serves every expert."""
     if cfg.data.loader == "ffcv":
         from .beton import BetonBatches, ensure_beton  # the optional ffcv extra
         spec = data.spec
         return BetonBatches(ensure_beton(cfg), cfg.experts.batch_size, data.y_train.device, len(data.y_train),
                             (spec.size, spec.size, spec.channels), cfg.data.beton_workers).epoch
-    return lambda seed, epoch: ShuffledBatches(data.x_train, data.y_train, cfg.experts.batch_size,
-                                               torch.Generator().manual_seed(seed + epoch))
+    return lambda seed: ShuffledBatches(data.x_train, data.y_train, cfg.experts.batch_size,
+                                        torch.Generator().manual_seed(seed))
 
 
 class EpochProgress:
@@ -102,7 +102,7 @@ def train_expert(cfg: Config, data: Dataset, store: TrajectoryStore, index: int,
     for epoch in range(saved, ex.epochs + 1):
         seed_everything(cfg.seed, "expert_epoch", index, epoch)  # so a resumed expert draws the same augmentations
         start = time.perf_counter()
-        epoch_data = batches(derive_seed(cfg.seed, "expert_order", index), epoch)
+        epoch_data = batches(derive_seed(cfg.seed, "expert_order", index, epoch))
         position = EpochProgress(store, index, epoch, len(epoch_data))
         loss = train_epoch(model, optimizer, epoch_data, data.preprocess, augment,
                            progress=f"expert {index} epoch {epoch}" if progress else "", on_batch=position)

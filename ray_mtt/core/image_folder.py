@@ -11,36 +11,36 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from .config import DataConfig
 from .datasets import IMAGENET_MEAN, IMAGENET_STD, DatasetSpec, ImageFiles, RawSplits
 from .errors import UserError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 HOW_TO_GET = "point --data-dir at a folder with one subfolder of images per class (or train/ and test/ of those)"
 
 
-def _images(folder: Path) -> list[Path]:
-    return sorted(f for f in folder.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
-
-
 def _classes(root: Path) -> list[str]:
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    """Class folders, sorted (torchvision's ImageFolder convention)."""
+    try:
+        classes = find_classes(str(root))[0]
+    except FileNotFoundError:
+        classes = []
     if len(classes) < 2:
         raise UserError(f"{root} has {len(classes)} class folder(s); {HOW_TO_GET}")
     return classes
 
 
 def _labelled(root: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
-    paths, labels = [], []
+    """Every image under each class folder (torchvision's walk, by extension), labelled by class index."""
+    found = make_dataset(str(root), {name: label for label, name in enumerate(classes)}, extensions=IMG_EXTENSIONS,
+                         allow_empty=True)  # an empty class is our one-line error below, not torchvision's
+    present = {label for _, label in found}
     for label, name in enumerate(classes):
-        files = _images(root / name) if (root / name).is_dir() else []
-        if not files:
-            raise UserError(f"{root / name} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); add some or "
+        if label not in present:
+            raise UserError(f"{root / name} holds no images ({', '.join(IMG_EXTENSIONS)}); add some or "
                             f"remove the folder")
-        paths += files
-        labels += [label] * len(files)
-    return paths, labels
+    return [Path(path) for path, _ in found], [label for _, label in found]
 
 
 def _split_test(paths: list[Path], labels: list[int], fraction: float) -> tuple[list[int], list[int]]:

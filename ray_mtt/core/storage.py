@@ -4,8 +4,9 @@
 has only torch); `open_storage("s3://bucket/x")`, `gs://...` or `file:///...` goes through
 pyarrow's filesystems, the same layer Ray Train uses for its `storage_path`. Both offer the few
 operations the trajectory store needs, and both write atomically: a reader sees an old file or a
-complete new one, never a half-written one (temp file + rename locally; object stores publish an
-object only once its upload completes).
+complete new one, never a half-written one (temp file + rename on a filesystem; an object store
+publishes an object only once its upload completes, so there it is one plain PUT: a rename would
+be a copy plus a delete, uploading every snapshot twice).
 """
 from __future__ import annotations
 
@@ -59,6 +60,9 @@ class LocalStorage:
         shutil.rmtree(self._path(folder), ignore_errors=True)
 
 
+OBJECT_STORES = {"s3", "gcs", "abfs"}  # pyarrow filesystems whose writes publish whole objects
+
+
 class ArrowStorage:
     """A folder on any pyarrow filesystem (S3, GCS, HDFS, or file:// for a shared mount)."""
 
@@ -95,8 +99,13 @@ class ArrowStorage:
 
     def write(self, name: str, data: bytes) -> None:
         path = self._path(name)
-        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        tmp = f"{path.rsplit('/', 1)[0]}/.tmp-{uuid.uuid4().hex}"
+        if self.fs.type_name in OBJECT_STORES:
+            with self.fs.open_output_stream(path) as f:
+                f.write(data)
+            return
+        folder = path.rsplit("/", 1)[0]
+        self.fs.create_dir(folder, recursive=True)
+        tmp = f"{folder}/.tmp-{uuid.uuid4().hex}"
         with self.fs.open_output_stream(tmp) as f:
             f.write(data)
         self.fs.move(tmp, path)

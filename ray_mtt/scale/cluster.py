@@ -47,6 +47,7 @@ def connect(address: str | None) -> None:
     """Join the cluster at `address`, or the one running on this machine, or start a local one.
     A local cluster that died without cleaning up stays recorded, and ray.init() would sit in
     connect retries for minutes: a recorded address that does not answer starts a fresh one."""
+    address = address or None  # "" (an unset flag) is no address, as None is
     if address is None and not os.environ.get("RAY_ADDRESS"):
         recorded, path = recorded_address()
         if recorded and not answers(recorded):

@@ -22,7 +22,6 @@ import os
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -39,6 +38,7 @@ from ..core.experts import epoch_batches, open_store_for_training, train_expert
 from ..core.storage import is_uri, open_storage
 from ..core.trajectories import TrajectoryStore
 from .cluster import connect, ray_failure, want_gpus
+from .options import JobResources
 
 
 def publish_beton(cfg: Config, store_root: str) -> str | None:
@@ -173,24 +173,14 @@ class Progress:
         self.thread.join()
 
 
-@dataclass
-class JobResources:
-    """What the expert job asks Ray for (the flags of cli/common.py add_job_args)."""
-    max_workers: int = 0  # 0 = one per unfinished expert; the autoscaler adds nodes up to it
-    min_workers: int = 1  # the job starts once this many fit, and grows as nodes arrive
-    use_gpu: str = "auto"  # yes | no | auto
-    gpus_per_worker: float = 1.0  # fractional shares a GPU: a ConvNet expert leaves most of one idle
-    cpus_per_worker: float = 1.0
-    max_failures: int = 3  # worker-group restarts (a dead worker or node) before the job gives up
-    resize_check_s: float = 60.0  # how often Ray Train considers growing the worker group
-
-    def scaling(self, unfinished: int) -> ScalingConfig:
-        use_gpu = want_gpus(self.use_gpu)
-        most = min(self.max_workers or unfinished, unfinished)
-        least = max(1, min(self.min_workers, most))
-        resources = {"CPU": self.cpus_per_worker, **({"GPU": self.gpus_per_worker} if use_gpu else {})}
-        return ScalingConfig(num_workers=(least, most) if most > least else most, use_gpu=use_gpu,
-                             resources_per_worker=resources, elastic_resize_monitor_interval_s=self.resize_check_s)
+def scaling_config(resources: JobResources, unfinished: int) -> ScalingConfig:
+    """Ray Train's elastic worker group for the experts still to train."""
+    use_gpu = want_gpus(resources.use_gpu)
+    most = min(resources.workers or unfinished, unfinished)
+    least = max(1, min(resources.min_workers, most))
+    per_worker = {"CPU": resources.cpus_per_worker, **({"GPU": resources.gpus_per_worker} if use_gpu else {})}
+    return ScalingConfig(num_workers=(least, most) if most > least else most, use_gpu=use_gpu,
+                         resources_per_worker=per_worker, elastic_resize_monitor_interval_s=resources.resize_check_s)
 
 
 def run_job(cfg: Config, address: str | None = None, resources: JobResources | None = None,
@@ -210,7 +200,7 @@ def run_job(cfg: Config, address: str | None = None, resources: JobResources | N
     todo = store.unfinished(cfg.experts.num_experts)
     if not todo:
         return store
-    scaling = resources.scaling(len(todo))
+    scaling = scaling_config(resources, len(todo))
     with Progress(store, cfg, progress_every_s, len(splits.y_train)):
         trainer = TorchTrainer(
             expert_worker,

@@ -24,7 +24,7 @@ from ..core.config import Config
 from ..core.data import Dataset, Preprocess
 from ..core.distill import Reporter
 from ..core.evaluate import Score
-from ..core.export import image_grid as grid_of_pixels
+from ..core.export import image_grid
 
 EXPERIMENT = "ray_mtt"
 PARENT_TAG = "mlflow.parentRunId"
@@ -91,26 +91,22 @@ def system_metrics(run_id: str, tracking_uri: str):
 
 
 def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
-    """One batch of metrics stamped now (MLflow caps a batch at 1000 metrics)."""
+    """Metrics stamped now, at `step` (log_batch splits them into batches of MLflow's size)."""
     now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-    for start in range(0, len(items), 1000):
-        client.log_batch(run_id, metrics=items[start:start + 1000])
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
 
 def start_run(client: MlflowClient, experiment_id: str, name: str, params: dict[str, str],
               parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> str:
     all_tags = {**(tags or {}), **({PARENT_TAG: parent_run_id} if parent_run_id else {})}
     run = client.create_run(experiment_id, run_name=name, tags=all_tags)
-    items = [Param(k, v[:6000]) for k, v in params.items()]
-    for start in range(0, len(items), 100):  # MLflow caps a batch at 100 params
-        client.log_batch(run.info.run_id, params=items[start:start + 100])
+    client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in params.items()])  # it splits them
     return run.info.run_id
 
 
-def image_grid(images: torch.Tensor, preprocess: Preprocess, ipc: int) -> np.ndarray:
+def synthetic_grid(images: torch.Tensor, preprocess: Preprocess, ipc: int) -> np.ndarray:
     """Synthetic images (network-input space) -> uint8 HxWxC grid, one column per class."""
-    return grid_of_pixels(preprocess.inverse(images.detach().to(preprocess.mean.device).float()).cpu(), ipc)
+    return image_grid(preprocess.inverse(images.detach().to(preprocess.mean.device).float()).cpu(), ipc)
 
 
 class MlflowReporter(Reporter):
@@ -130,7 +126,7 @@ class MlflowReporter(Reporter):
 
     def evaluation(self, iteration: int, metrics: dict[str, float], synthetic: dict) -> None:
         log_metrics(self.client, self.run_id, metrics, iteration)
-        grid = image_grid(synthetic["images"], self.preprocess, self.ipc)
+        grid = synthetic_grid(synthetic["images"], self.preprocess, self.ipc)
         self.client.log_image(self.run_id, grid, key="synthetic", step=iteration)
         self.client.log_image(self.run_id, grid, artifact_file=f"synthetic/iter_{iteration:06d}.png")
         if metrics["val_acc"] >= metrics["best_val_acc"]:

@@ -7,12 +7,13 @@ for the best trial a test-accuracy table over architectures.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import shutil
 import signal
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -30,9 +31,9 @@ from ..core.storage import is_uri
 from ..core.trajectories import TrajectoryStore
 from .cluster import connect, ray_failure, want_gpus
 from .experts_job import run_job
-from .tracking import MlflowReporter, flat_config, log_result, open_experiment, start_run, system_metrics, ui_hint
+from .options import SweepOptions
+from .tracking import MlflowReporter, default_tracking_uri, flat_config, log_result, open_experiment, start_run, system_metrics, ui_hint
 
-CROSS_ARCH = ["convnet", "resnet18", "vgg11", "alexnet"]
 SWEPT = ("distill.syn_steps", "distill.expert_epochs", "distill.max_start_epoch", "distill.lr_img",
          "distill.lr_lr", "distill.lr_teacher")
 
@@ -200,31 +201,12 @@ def describe_space(space: dict) -> str:
 
 
 @dataclass
-class SweepOptions:
-    """How a sweep runs, besides the distillation config (the flags of `python -m ray_mtt.tune`)."""
-    name: str
-    num_samples: int = 8
-    user_space: dict = field(default_factory=dict)
-    search: str = "random"  # random | optuna
-    asha: bool = True
-    max_concurrent: int = 0  # 0 = as resources allow
-    cpus_per_trial: float = 1
-    gpus_per_trial: float = -1  # -1 = 1 when the cluster has GPUs, else 0
-    resume: bool = False
-    tracking_uri: str = ""
-    eval_models: list[str] = field(default_factory=lambda: list(CROSS_ARCH))
-    address: str | None = None
-    make_experts: bool = False
-    storage: str = ""  # Tune's state and trial checkpoints: a URI (s3://...) on a cluster; "" = <run_dir>/tune/ray
-    max_trial_failures: int = 2  # restarts of a trial (a lost node) from its last checkpoint
-
-
-@dataclass
 class SweepOutcome:
     ranked: list  # Tune results of the finished trials, best validation accuracy first
     scores: dict[str, dict[str, Score]]  # the best trial's set and random real, per architecture
     parent_run_id: str
     best_run_id: str
+    tracking_uri: str
     ui_hint: str  # how to open the runs in the MLflow UI
 
 
@@ -288,12 +270,17 @@ class Sweep:
                                       failure_config=tune.FailureConfig(max_failures=self.opts.max_trial_failures)))
 
 
-def trial_resources(opts: SweepOptions, cfg: Config) -> dict:
-    """CPUs and GPUs per trial; a CPU-only trial is pinned to the CPU so it never takes a GPU Ray did not assign."""
+def trial_resources(opts: SweepOptions) -> dict:
+    """CPUs and GPUs per trial (gpus_per_trial -1: one when the cluster has GPUs)."""
     gpus = opts.gpus_per_trial if opts.gpus_per_trial >= 0 else (1 if want_gpus("auto") else 0)
-    if gpus == 0 and cfg.device == "auto":
-        cfg.device = "cpu"
     return {"cpu": opts.cpus_per_trial, "gpu": gpus}
+
+
+def pin_cpu_trials(cfg: Config, resources: dict) -> Config:
+    """A trial given no GPU runs on the CPU, so `device: auto` never takes a GPU that Ray did not assign."""
+    if resources["gpu"] == 0 and cfg.device == "auto":
+        cfg.device = "cpu"
+    return cfg
 
 
 def check_shared(opts: SweepOptions, storage: str) -> None:
@@ -311,6 +298,9 @@ def check_shared(opts: SweepOptions, storage: str) -> None:
 
 def run_sweep(cfg: Config, opts: SweepOptions) -> SweepOutcome:
     """Read the data once, make experts if asked, run (or resume) the sweep, score the best trial."""
+    user_space = parse_space(opts.space, cfg)  # bad input fails here, before data, experts and Ray
+    opts = dataclasses.replace(opts, name=opts.name or f"{cfg.data.dataset}_ipc{cfg.distill.ipc}",
+                               tracking_uri=opts.tracking_uri or default_tracking_uri(cfg.run_dir))
     splits = read_splits(cfg.data)  # checks the data first; fits ZCA once for all trials
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     connect(opts.address)
@@ -318,8 +308,9 @@ def run_sweep(cfg: Config, opts: SweepOptions) -> SweepOutcome:
     check_shared(opts, sweep.storage)  # before anything runs
     if opts.make_experts and not TrajectoryStore(cfg.expert_dir).completed():
         run_job(cfg, opts.address)
-    space = full_space(cfg, opts.user_space)
-    resources = trial_resources(opts, cfg)
+    space = full_space(cfg, user_space)
+    resources = trial_resources(opts)
+    cfg = pin_cpu_trials(cfg, resources)
     parent_run_id = sweep.parent_run(space)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=cfg.to_dict(), tracking_uri=opts.tracking_uri,
@@ -386,7 +377,7 @@ def score_best(grid, sweep: Sweep, parent_run_id: str, splits: Splits, resources
     client.log_artifact(parent_run_id, str(best_path), artifact_path="distilled")
     client.set_tag(parent_run_id, "ray_mtt.best_trial_run_id", best_run_id)
     client.set_terminated(parent_run_id)
-    return SweepOutcome(ranked, scores, parent_run_id, best_run_id,
+    return SweepOutcome(ranked, scores, parent_run_id, best_run_id, sweep.opts.tracking_uri,
                         ui_hint(sweep.opts.tracking_uri, sweep.experiment_id))
 
 
