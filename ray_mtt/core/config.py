@@ -97,7 +97,7 @@ class DistillConfig:
 class EvalConfig:
     models: list[str] = field(default_factory=lambda: ["convnet"])  # architectures trained on the final set
     num_runs: int = 5  # fresh networks per architecture; the report is their mean +- std
-    epochs: int = 1000  # training epochs of each network; lr x0.1 at the half
+    epochs: int = 1000  # training epochs of each network (+1 pass, as the authors); lr x0.1 after the half
     batch_size: int = 256  # images per SGD step of an evaluation network
     momentum: float = 0.9  # SGD momentum of an evaluation network
     weight_decay: float = 5e-4  # SGD weight decay of an evaluation network
