@@ -67,7 +67,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = small(f"{tmp}/local", args)
         rows.append(measure("local", cfg, 1, lambda: train_experts(cfg, load_dataset(cfg.data), progress=False)))
-        ray.init(num_cpus=2, log_to_driver=False, include_dashboard=False, configure_logging=False,
+        ray.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=False, configure_logging=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
         for workers in (1, 2):
             cfg = small(f"{tmp}/ray{workers}", args)

@@ -97,18 +97,29 @@ def test_experts_train_on_workers_that_cannot_see_the_data_and_land_in_s3(bed, s
     assert not list(bed.private.glob("**/expert_*"))  # nothing written to the driver's disk
 
 
+def gpu_requests() -> list[dict]:
+    """What the cluster has been asked for and cannot place, with a GPU in it: Ray Train's elastic
+    request to the autoscaler (ray.autoscaler.sdk.request_resources, kept in Ray's KV store) and any
+    placement group still pending."""
+    import json
+
+    from ray.autoscaler._private.constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
+    from ray.experimental.internal_kv import _internal_kv_get
+    requested = json.loads(_internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL) or b"[]")
+    pending = [b for g in ray.util.placement_group_table().values() if g["state"] == "PENDING"
+               for b in g["bundles"].values()]
+    return [b for b in requested + pending if b.get("GPU", 0) > 0]
+
+
 def wait_for_a_pending_gpu_request(timeout_s: float = 180) -> None:
-    """Until a placement group that asks for a GPU waits to be placed (read from Ray's GCS): the job
-    has asked for GPUs and cannot start on a cluster without them. A job that asked for none would
-    never show one, and this fails."""
+    """The event the test waits on: the job has asked Ray for GPUs that this cluster does not have.
+    A job that asked for none would never show one, and this fails."""
     deadline = time.time() + timeout_s
     while time.time() < deadline:
-        if ray.is_initialized():
-            for group in ray.util.placement_group_table().values():
-                if group["state"] == "PENDING" and any(b.get("GPU", 0) > 0 for b in group["bundles"].values()):
-                    return
+        if ray.is_initialized() and gpu_requests():
+            return
         time.sleep(0.5)
-    pytest.fail(f"no placement group asked for a GPU within {timeout_s:.0f} s")
+    pytest.fail(f"the job asked Ray for no GPU within {timeout_s:.0f} s")
 
 
 def test_the_job_asks_for_gpus_waits_for_them_and_grows_as_nodes_join(bed):

@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from .config import DataConfig
 from .datasets import IMAGENET_MEAN, IMAGENET_STD, DatasetSpec, ImageFiles, RawSplits
@@ -22,6 +21,7 @@ HOW_TO_GET = "point --data-dir at a folder with one subfolder of images per clas
 
 def _classes(root: Path) -> list[str]:
     """Class folders, sorted (torchvision's ImageFolder convention)."""
+    from torchvision.datasets.folder import find_classes  # here: torchvision takes 1.5 s to import
     try:
         classes = find_classes(str(root))[0]
     except FileNotFoundError:
@@ -33,6 +33,7 @@ def _classes(root: Path) -> list[str]:
 
 def _labelled(root: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
     """Every image under each class folder (torchvision's walk, by extension), labelled by class index."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
     found = make_dataset(str(root), {name: label for label, name in enumerate(classes)}, extensions=IMG_EXTENSIONS,
                          allow_empty=True)  # an empty class is our one-line error below, not torchvision's
     present = {label for _, label in found}
