@@ -47,8 +47,9 @@ EpochBatches = Callable[[int], Iterable]  # order seed -> one epoch of (uint8 im
 
 def epoch_batches(cfg: Config, data: Dataset) -> EpochBatches:
     """The training split's minibatches on the device, in the order one seed fixes (each expert's
-    epoch has its own stream, seeds.py), so a resumed expert sees the data it would have seen. Build it once per process: the FFCV loader
-    compiles its pipeline (seconds) on first use, then serves every expert."""
+    epoch has its own stream, seeds.py), so a resumed expert sees the data it would have seen. Build
+    it once per process: the FFCV loader compiles its pipeline (seconds) on first use, then serves
+    every expert."""
     if cfg.data.loader == "ffcv":
         from .beton import BetonBatches, ensure_beton  # the optional ffcv extra
         spec = data.spec
