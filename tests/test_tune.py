@@ -128,7 +128,7 @@ def test_interrupted_sweep_resumes_without_losing_finished_trials(tmp_path):
 def test_bad_sweep_inputs_are_one_line_errors(tmp_path):
     for argv, fragment in [
         (["--dataset", "imagenet21k"], "unknown dataset 'imagenet21k'; known:"),
-        (["--dataset", "cifar10", "--data-dir", str(tmp_path)], "cifar10 not found"),
+        (["--dataset", "cifar10", "--data-dir", str(tmp_path / "nowhere")], "data dir"),
         (["--run_dir", str(tmp_path)], "no expert trajectories"),
         (["--space", "distill.lr_img=loguniform:10"], "bad range"),
         (["--space", "distill.n_steps=choice:1,2"], "unknown key 'distill.n_steps'"),

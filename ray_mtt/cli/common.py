@@ -13,17 +13,21 @@ from ..core.config import (SECTIONS, Config, field_types, parse_value, apply_ove
                            field_help, load_yaml)
 from ..core.data import Dataset, load_dataset
 from ..core.distill import Reporter
-from ..core.errors import UserError
+from ..core.errors import Interrupted, UserError
 from ..core.experts import load_expert_data, train_experts
 from ..core.train import resolve_device
 from ..core.trajectories import TrajectoryStore
 from ..scale.options import JobResources
+from ..scale.places import apply_storage_default, default_tracking_uri
 
 
 def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
     """Run a CLI entry point; a UserError becomes `error: ...` on stderr and exit code 2."""
     try:
         main(argv)
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        sys.exit(130)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -86,6 +90,7 @@ def config_from_args(args: argparse.Namespace, announce: bool = True, base: Conf
     if config_path is not None:
         apply_overrides(cfg, load_yaml(config_path), str(config_path))
     apply_overrides(cfg, cli, "command line")
+    apply_storage_default(cfg)  # the cluster's RAY_MTT_STORAGE, when no store was named
     cfg.validate()
     if announce:
         print(describe_config(cfg, config_path or ("the distilled set's own" if base else None), sorted(cli)),
@@ -105,8 +110,9 @@ def describe_config(cfg: Config, path, flags: list[str]) -> str:
 
 # ---------------------------------------------------------------- MLflow
 def add_tracking_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tracking-uri", help="MLflow store: default sqlite:///<run_dir>/mlflow.db when mlflow is "
-                        "installed; http://host:port for a server; 'none' to turn tracking off")
+    parser.add_argument("--tracking-uri", help="MLflow store: default $RAY_MTT_TRACKING_URI, else "
+                        "sqlite:///<run_dir>/mlflow.db when mlflow is installed; http://host:port for a server; "
+                        "'none' to turn tracking off")
 
 
 def open_tracking(tracking_uri: str | None, cfg: Config, run_name: str):
@@ -121,7 +127,7 @@ def open_tracking(tracking_uri: str | None, cfg: Config, run_name: str):
             raise UserError("--tracking-uri needs mlflow (pip install mlflow); or pass --tracking-uri none") from None
         print("mlflow is not installed: not tracking this run")
         return None
-    return tracking.TrackedRun(tracking_uri or tracking.default_tracking_uri(cfg.run_dir), cfg, run_name)
+    return tracking.TrackedRun(tracking_uri or default_tracking_uri(cfg.run_dir), cfg, run_name)
 
 
 @contextlib.contextmanager

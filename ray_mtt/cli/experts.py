@@ -19,7 +19,8 @@ def add_short_forms(parser: argparse.ArgumentParser) -> None:
                        help="short for --experts.num_experts")
     short.add_argument("--epochs", dest="experts.epochs", default=argparse.SUPPRESS, help="short for --experts.epochs")
     short.add_argument("--storage", dest="experts.dir", default=argparse.SUPPRESS,
-                       help="trajectory store: a path (shared on a cluster) or a URI such as s3://bucket/experts")
+                       help="trajectory store: a path (shared on a cluster) or a URI such as s3://bucket/experts "
+                       "(default: under $RAY_MTT_STORAGE when set)")
 
 
 def main(argv: list[str] | None = None) -> None:

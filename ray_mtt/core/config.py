@@ -71,7 +71,9 @@ class ExpertConfig:
     batch_size: int = 256  # real images per expert SGD step
     momentum: float = 0.0  # expert SGD momentum (the paper: 0; not part of a trajectory)
     weight_decay: float = 0.0  # expert SGD weight decay (the paper: 0)
-    dir: str = ""  # trajectory store, a path or URI (s3://...); "" = <run_dir>/<dataset>/experts_<model>[_zca]
+    # trajectory store, a path or URI (s3://...); "" = <run_dir>/<dataset>/experts_<model>[_zca], or the same
+    # name under $RAY_MTT_STORAGE when set
+    dir: str = ""
 
 
 @dataclass
@@ -119,10 +121,12 @@ class Config:
     @property
     def expert_dir(self) -> str:
         """The trajectory store: a local path or a URI (s3://..., file://...; see storage.py)."""
-        if self.experts.dir:
-            return self.experts.dir
-        suffix = "_zca" if self.data.zca else ""
-        return str(Path(self.run_dir) / self.data.dataset / f"experts_{self.model.name}{suffix}")
+        return self.experts.dir or str(Path(self.run_dir) / self.store_name)
+
+    @property
+    def store_name(self) -> str:
+        """<dataset>/experts_<model>[_zca]: the default store's place under run_dir or a storage root."""
+        return f"{self.data.dataset}/experts_{self.model.name}{'_zca' if self.data.zca else ''}"
 
     @property
     def distill_dir(self) -> Path:

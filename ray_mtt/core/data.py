@@ -117,15 +117,23 @@ def split_validation(y: np.ndarray, per_class: int, num_classes: int,
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
-def read_raw(cfg: DataConfig) -> tuple[RawSplits, DatasetSpec, Path]:
+def check_data_place(cfg: DataConfig) -> Path:
+    """The checks that read no file: a known dataset name and a data dir that exists."""
     data_dir = Path(cfg.data_dir or "data")
+    if cfg.dataset != "folder":
+        get_spec(cfg.dataset)
+    if (cfg.data_dir or cfg.dataset == "folder") and not data_dir.is_dir():
+        raise UserError(f"data dir {data_dir} does not exist; pass the folder that holds {cfg.dataset} via --data-dir")
+    return data_dir
+
+
+def read_raw(cfg: DataConfig) -> tuple[RawSplits, DatasetSpec, Path]:
+    data_dir = check_data_place(cfg)
     if cfg.dataset == "folder":  # the user's own images: the spec (classes, size) comes from the folder
         raw, spec = read_image_folder(cfg, data_dir)
         _check_raw(raw, spec, data_dir)
         return raw, spec, data_dir
     spec = get_spec(cfg.dataset)
-    if cfg.data_dir and not data_dir.is_dir():
-        raise UserError(f"data dir {data_dir} does not exist; pass the folder that holds {cfg.dataset} via --data-dir")
     npz = data_dir / f"{cfg.dataset}.npz"
     raw = read_npz(npz, spec) if npz.is_file() else spec.read(data_dir, cfg.download, spec)
     _check_raw(raw, spec, npz if npz.is_file() else data_dir)

@@ -11,6 +11,7 @@ from pathlib import Path
 import ray
 
 from ..core.errors import UserError
+from .places import autoscaler_node_types
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -66,13 +67,9 @@ def ray_failure(e: BaseException, what: str) -> UserError:
                      f"rerun the same command to resume")
 
 
-def bootstrap_gpu_types(path: Path = Path.home() / "ray_bootstrap_config.yaml") -> bool:
+def bootstrap_gpu_types() -> bool:
     """Whether the autoscaler's config on this head node (`ray up` writes it) has GPU node types."""
-    if not path.is_file():
-        return False
-    import yaml
-    types = (yaml.safe_load(path.read_text()) or {}).get("available_node_types", {})
-    return any((t.get("resources") or {}).get("GPU", 0) > 0 for t in types.values())
+    return any((t.get("resources") or {}).get("GPU", 0) > 0 for t in autoscaler_node_types().values())
 
 
 def want_gpus(use_gpu: str) -> bool:

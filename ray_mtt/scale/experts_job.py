@@ -32,13 +32,14 @@ from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from ..core.config import Config, config_from_dict
-from ..core.data import read_splits, to_device
-from ..core.errors import UserError
+from ..core.data import Splits, read_splits, to_device
+from ..core.errors import Interrupted, UserError
 from ..core.experts import epoch_batches, open_store_for_training, train_expert
 from ..core.storage import is_uri, open_storage
 from ..core.trajectories import TrajectoryStore
 from .cluster import connect, ray_failure, want_gpus
 from .options import JobResources
+from .places import autoscaler_can_add_nodes, check_shared
 
 
 def publish_beton(cfg: Config, store_root: str) -> str | None:
@@ -70,12 +71,15 @@ def fetch_beton(uri: str, cfg: Config) -> None:
 
 def check_store_reachable(store: TrajectoryStore) -> None:
     """A store on a local path must be the same folder on every node (a shared mount); a node that
-    cannot see it would write trajectories nobody else reads. Ask each node, in seconds."""
+    cannot see it would write trajectories nobody else reads. Ask each node, in seconds. Nodes the
+    autoscaler has not launched yet cannot be asked, so there a local path is refused outright."""
     if is_uri(store.root):
         return
+    if autoscaler_can_add_nodes():
+        check_shared({"trajectory store": store.root})
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     marker = str(Path(store.root) / "store.json")
-    nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+    nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]  # the head too: a CPU-less head still writes
     probe = ray.remote(num_cpus=0)(os.path.isfile)
     seen = ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
                     .remote(marker) for node in nodes], timeout=120)
@@ -154,7 +158,7 @@ class Progress:
         if rates:
             self.rate = sum(rates) if self.rate is None else 0.7 * self.rate + 0.3 * sum(rates)
         left = ex.num_experts * ex.epochs * self.images_per_epoch - done_images
-        eta = f"{left / self.rate / 60:.1f} min" if self.rate else "? (no step timed yet)"
+        eta = duration(left / self.rate) if self.rate else "? (no step timed yet)"
         pending = len(unfinished) - len(running)
         total = f"{sum(rates):.0f} images/s in {len(rates)} worker(s)" if rates else "no worker reporting yet"
         return (f"experts: {ex.num_experts - len(unfinished)} done, {len(running)} running, {pending} pending | "
@@ -173,6 +177,26 @@ class Progress:
         self.thread.join()
 
 
+def duration(seconds: float) -> str:
+    """A span as a person reads it: 45 s, 12 min, 5.5 h, 137 days."""
+    if seconds >= 2 * 86400:
+        return f"{seconds / 86400:.0f} days"
+    if seconds >= 2 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"
+
+
+def interrupted(store: TrajectoryStore, cfg: Config) -> Interrupted:
+    """The line for a job stopped early: what the store holds now, and how to go on."""
+    unfinished = store.unfinished(cfg.experts.num_experts)
+    partial = {k: store.saved_epoch_count(k) - 1 for k in unfinished if store.saved_epoch_count(k) > 1}
+    parts = ", ".join(f"#{k} {e}/{cfg.experts.epochs} epochs" for k, e in sorted(partial.items())[:8])
+    more = f" (+{len(partial) - 8} more)" if len(partial) > 8 else ""
+    return Interrupted(f"{cfg.experts.num_experts - len(unfinished)} of {cfg.experts.num_experts} experts complete"
+                       + (f", partial: {parts}{more}" if partial else "")
+                       + f", saved in {store.root}; rerun the same command to resume (saved epochs are not redone)")
+
+
 def scaling_config(resources: JobResources, unfinished: int) -> ScalingConfig:
     """Ray Train's elastic worker group for the experts still to train."""
     use_gpu = want_gpus(resources.use_gpu)
@@ -184,13 +208,14 @@ def scaling_config(resources: JobResources, unfinished: int) -> ScalingConfig:
 
 
 def run_job(cfg: Config, address: str | None = None, resources: JobResources | None = None,
-            progress_every_s: float = 30.0) -> TrajectoryStore:
-    """Train every expert the store lacks on the Ray cluster at `address`; returns the store."""
+            progress_every_s: float = 30.0, splits: Splits | None = None) -> TrajectoryStore:
+    """Train every expert the store lacks on the Ray cluster at `address` (with `splits`, when the
+    caller has read them already); returns the store."""
     resources = resources or JobResources()
     # The driver reads the data once (bad names, paths and files fail here, before Ray starts);
     # workers get it through Ray's object store.
     start = time.perf_counter()
-    splits = read_splits(cfg.data, keep_train=cfg.data.loader == "tensor")
+    splits = splits or read_splits(cfg.data, keep_train=cfg.data.loader == "tensor")
     print(f"data: {cfg.data.dataset} read once by the driver in {time.perf_counter() - start:.1f} s "
           f"({splits.nbytes / 2**20:.1f} MiB); workers get it through Ray's object store", flush=True)
     store = open_store_for_training(cfg, splits.spec)
@@ -221,4 +246,8 @@ def run_job(cfg: Config, address: str | None = None, resources: JobResources | N
                             f"{missing} are unfinished: rerun the same command to resume them") from None
         except ray.exceptions.RayError as e:
             raise ray_failure(e, "the expert job") from None
+        except (KeyboardInterrupt, SystemExit):  # Ray Train's own Ctrl-C handler aborts the run and exits
+            raise interrupted(store, cfg) from None
+    if store.unfinished(cfg.experts.num_experts):  # fit() also returns after an abort
+        raise interrupted(store, cfg)
     return store

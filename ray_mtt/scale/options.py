@@ -37,10 +37,11 @@ class SweepOptions:
     cpus_per_trial: float = 1.0  # CPUs per trial
     gpus_per_trial: float = -1.0  # GPUs per trial; -1 = 1 when the cluster has GPUs, else 0
     resume: bool = False  # continue the sweep of the same name
-    tracking_uri: str = ""  # MLflow store; "" = sqlite:///<run_dir>/mlflow.db; http://... for a server
+    # MLflow store; "" = $RAY_MTT_TRACKING_URI, else sqlite:///<run_dir>/mlflow.db; http://... for a server
+    tracking_uri: str = ""
     eval_models: list[str] = field(default_factory=lambda: list(CROSS_ARCH))  # architectures scored for the best trial
     address: str = ""  # Ray cluster address; "" = connect to a running one, else start locally
     # Tune's state and trial checkpoints; on a cluster a URI every node can write (s3://BUCKET/sweeps);
-    # "" = <run_dir>/tune/ray.
+    # "" = $RAY_MTT_STORAGE/sweeps, else <run_dir>/tune/ray.
     storage: str = ""
     max_trial_failures: int = 2  # restarts of a trial (e.g. its node was lost) from its last checkpoint

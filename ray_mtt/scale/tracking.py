@@ -31,10 +31,6 @@ PARENT_TAG = "mlflow.parentRunId"
 NOTE_TAG = "mlflow.note.content"
 
 
-def default_tracking_uri(run_dir: str | Path) -> str:
-    return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
-
-
 def open_experiment(tracking_uri: str, run_dir: str | Path, name: str = EXPERIMENT) -> tuple[MlflowClient, str]:
     """The client and experiment id; a local store keeps artifacts under <run_dir>/mlartifacts."""
     for logger in ("alembic", "mlflow.store.db.utils", "mlflow.system_metrics"):  # chatter on every run

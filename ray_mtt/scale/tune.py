@@ -21,18 +21,18 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from ..core.config import Config, apply_overrides, config_from_dict
-from ..core.data import Splits, read_splits, to_device
+from ..core.data import Splits, check_data_place, read_splits, to_device
 from ..core.distill import Reporter, distill
 from ..core.errors import UserError
 from ..core.evaluate import Score, evaluation_stream, load_synthetic, random_real_set, train_and_score
 from ..core.models import model_for
 from ..core.train import resolve_device
-from ..core.storage import is_uri
 from ..core.trajectories import TrajectoryStore
 from .cluster import connect, ray_failure, want_gpus
 from .experts_job import run_job
 from .options import SweepOptions
-from .tracking import MlflowReporter, default_tracking_uri, flat_config, log_result, open_experiment, start_run, system_metrics, ui_hint
+from .places import check_shared, cluster_can_span_nodes, default_sweep_storage, default_tracking_uri
+from .tracking import MlflowReporter, flat_config, log_result, open_experiment, start_run, system_metrics, ui_hint
 
 SWEPT = ("distill.syn_steps", "distill.expert_epochs", "distill.max_start_epoch", "distill.lr_img",
          "distill.lr_lr", "distill.lr_teacher")
@@ -217,7 +217,7 @@ class Sweep:
     def __init__(self, cfg: Config, opts: SweepOptions):
         self.cfg, self.opts = cfg, opts
         self.dir = Path(cfg.run_dir) / "tune" / opts.name
-        self.storage = opts.storage or str(Path(cfg.run_dir) / "tune" / "ray")
+        self.storage = opts.storage or default_sweep_storage(cfg.run_dir)
 
     @functools.cached_property
     def _tracking(self) -> tuple:
@@ -283,17 +283,11 @@ def pin_cpu_trials(cfg: Config, resources: dict) -> Config:
     return cfg
 
 
-def check_shared(opts: SweepOptions, storage: str) -> None:
-    """On more than one node, what trials write must reach a place every node shares."""
-    if len([n for n in ray.nodes() if n["Alive"]]) < 2:
-        return
-    head = f"http://{ray.util.get_node_ip_address()}:5000"
-    if not opts.tracking_uri.startswith(("http://", "https://", "databricks")):
-        raise UserError(f"--tracking-uri {opts.tracking_uri} is a file on this node, which trials on other nodes "
-                        f"cannot write; run `mlflow server` on the head and pass --tracking-uri {head}")
-    if not is_uri(storage):
-        raise UserError(f"sweep storage {storage} is a local folder, which trials on other nodes cannot reach; "
-                        f"pass --storage s3://BUCKET/sweeps (or another URI every node can write)")
+def check_places(cfg: Config, opts: SweepOptions, storage: str) -> None:
+    """On a cluster that spans nodes (now, or once its autoscaler adds some), what trials read and
+    write must be where every node reaches it."""
+    if cluster_can_span_nodes():
+        check_shared({"sweep storage": storage, "trajectory store": cfg.expert_dir}, opts.tracking_uri)
 
 
 def run_sweep(cfg: Config, opts: SweepOptions) -> SweepOutcome:
@@ -301,13 +295,16 @@ def run_sweep(cfg: Config, opts: SweepOptions) -> SweepOutcome:
     user_space = parse_space(opts.space, cfg)  # bad input fails here, before data, experts and Ray
     opts = dataclasses.replace(opts, name=opts.name or f"{cfg.data.dataset}_ipc{cfg.distill.ipc}",
                                tracking_uri=opts.tracking_uri or default_tracking_uri(cfg.run_dir))
+    check_data_place(cfg.data)
+    if not opts.make_experts:
+        expert_epochs_available(cfg)  # a missing store is known in a second, before the data is decoded
     splits = read_splits(cfg.data)  # checks the data first; fits ZCA once for all trials
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     connect(opts.address)
     sweep = Sweep(cfg, opts)
-    check_shared(opts, sweep.storage)  # before anything runs
+    check_places(cfg, opts, sweep.storage)  # before anything runs
     if opts.make_experts and not TrajectoryStore(cfg.expert_dir).completed():
-        run_job(cfg, opts.address)
+        run_job(cfg, opts.address, splits=splits)
     space = full_space(cfg, user_space)
     resources = trial_resources(opts)
     cfg = pin_cpu_trials(cfg, resources)
