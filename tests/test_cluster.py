@@ -1,13 +1,15 @@
-"""The product on a cluster shaped like a real one (tests/cluster_bed.py): worker nodes that cannot
-see the driver's data or run folders, trajectories and sweep state in S3, GPUs requested and
-waited for, nodes that join and die mid-job. Nothing here may pass by reading a shared disk."""
+"""The product on a cluster shaped like a real one (tests/cluster_bed.py): worker nodes that share no
+disk with the driver or each other (their own /tmp, $HOME and Ray temp dir), token authentication,
+jobs submitted through Ray's job API, trajectories and sweep state in S3, MLflow on PostgreSQL,
+GPUs requested and waited for, nodes that join and die mid-job. Nothing here may pass by reading
+a shared disk."""
 import os
-import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,10 +28,12 @@ from ray_mtt.core.errors import UserError  # noqa: E402
 from ray_mtt.core.trajectories import TrajectoryStore  # noqa: E402
 from ray_mtt.scale.experts_job import run_job  # noqa: E402
 from ray_mtt.scale.options import JobResources  # noqa: E402
-from tests.cluster_bed import BUCKET, S3Endpoint, SharedNothingCluster, free_port  # noqa: E402
+from tests.cluster_bed import RAY  # noqa: E402
+from tests.cluster_bed import BUCKET, S3Endpoint, SharedNothingCluster, TrackingServer  # noqa: E402
 from tests.helpers import REPO, assert_store_complete, needs_ffcv, tiny_config  # noqa: E402
 
 EXPERTS, EPOCHS = 4, 3
+EVAL_EVERY = 4  # a sweep trial's validations, hence Tune checkpoints, every 4 iterations
 
 
 def write_small_mnist(folder):
@@ -55,12 +59,34 @@ def s3():
     endpoint.stop()
 
 
-@pytest.fixture
-def bed(tmp_path, s3):
+def start_bed(tmp_path, env: dict, job_api: bool = False) -> SharedNothingCluster:
     private = tmp_path / "driver_only"
     write_small_mnist(private / "data")
-    cluster = SharedNothingCluster(tmp_path, hidden=[private], env=s3.env)
+    cluster = SharedNothingCluster(tmp_path, hidden=[private], env=env, job_api=job_api)
     cluster.private = private
+    return cluster
+
+
+@pytest.fixture
+def bed(tmp_path, s3):
+    cluster = start_bed(tmp_path, s3.env)
+    yield cluster
+    cluster.shutdown()
+
+
+@pytest.fixture
+def tracking(tmp_path, s3):
+    server = TrackingServer(tmp_path, s3)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def head(tmp_path, s3, tracking):
+    """A `ray up` head as cluster/aws.yaml makes it: the job API, and the places every command
+    defaults to in its environment (the bucket, the head's MLflow server)."""
+    cluster = start_bed(tmp_path, {**s3.env, "RAY_MTT_STORAGE": f"s3://{BUCKET}/ray_mtt",
+                                   "RAY_MTT_TRACKING_URI": tracking.uri}, job_api=True)
     yield cluster
     cluster.shutdown()
 
@@ -84,17 +110,34 @@ def overlapping(epochs: dict[int, list[dict]]) -> bool:
     return any(a[1] > b[0] for a, b in zip(spans, spans[1:]))
 
 
-def test_experts_train_on_workers_that_cannot_see_the_data_and_land_in_s3(bed, s3):
+def tiny_flags(bed) -> list[str]:
+    return ["--dataset", "mnist", "--data-dir", str(bed.private / "data"), "--data.val_per_class", "5",
+            "--data.train_per_class", "60", "--model.width", "8", "--experts.batch_size", "16", "--device", "cpu",
+            "--run_dir", str(bed.private / "runs")]
+
+
+def test_a_submitted_experts_job_trains_on_workers_that_share_nothing_and_lands_in_the_bucket(head, s3):
+    """`ray job submit` with the token, and no --storage: the cluster's RAY_MTT_STORAGE puts the
+    trajectories in the bucket. The workers see neither the data nor the driver's /tmp or $HOME."""
     for _ in range(2):
-        bed.add_worker(cpus=1)
-    assert os.path.exists(bed.private / "data" / "mnist.npz")
-    assert not any(bed.sees(bed.private / "data" / "mnist.npz", node) for node in bed.worker_node_ids())
-    cfg = expert_config(bed)
-    store = run_job(cfg, bed.address, JobResources(workers=2, min_workers=2, use_gpu="no"))
+        head.add_worker(cpus=1)
+    marker = Path(tempfile.mkdtemp(dir="/tmp")) / "driver_tmp_file"
+    marker.write_text("x")
+    for path in (head.private / "data" / "mnist.npz", marker, head.token):
+        assert path.exists() and not any(head.sees(path, node) for node in head.worker_node_ids()), path
+    assert all(head.sees(Path("/tmp/home/.ray/auth_token"), n) for n in head.worker_node_ids())  # each its own
+    no_token = subprocess.run([RAY, "job", "list", "--address", head.job_api], capture_output=True, text=True,
+                              env={k: v for k, v in head.env.items() if not k.startswith("RAY_AUTH")})
+    assert no_token.returncode != 0  # a client without the token is refused
+    job = head.submit(sys.executable, "-m", "ray_mtt.experts", *tiny_flags(head), "--num-experts", str(EXPERTS),
+                      "--epochs", str(EPOCHS), "--workers", "2", "--min-workers", "2", "--use-gpu", "no")
+    output, _ = job.communicate(timeout=900)
+    assert job.returncode == 0 and "succeeded" in output, output[-3000:]
+    store = TrajectoryStore(f"s3://{BUCKET}/ray_mtt/mnist/experts_convnet")
     assert overlapping(assert_complete(store))
-    keys = s3.keys("experts/")
-    assert "experts/expert_0003.npy" in keys and any(k.startswith("experts/_ray/") for k in keys)
-    assert not list(bed.private.glob("**/expert_*"))  # nothing written to the driver's disk
+    keys = s3.keys("ray_mtt/mnist/experts_convnet/")
+    assert any(k.startswith("ray_mtt/mnist/experts_convnet/_ray/") for k in keys)
+    assert not list(head.private.glob("**/expert_*"))  # nothing written to the driver's disk
 
 
 def gpu_requests() -> list[dict]:
@@ -178,62 +221,62 @@ def test_losing_a_node_mid_expert_loses_at_most_the_epoch_in_flight(bed):
             assert epochs[k][before["epoch"]].get("saved_at") == before.get("saved_at"), f"expert {k} redid an epoch"
 
 
-def mlflow_server(tmp_path, s3) -> tuple[subprocess.Popen, str]:
-    """An MLflow server as on the head node: runs in a sqlite file on its disk, artifacts in the bucket."""
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-                               f"sqlite:///{tmp_path / 'mlflow.db'}", "--artifacts-destination",
-                               f"s3://{BUCKET}/mlflow", "--host", "127.0.0.1", "--port", str(port)],
-                              cwd=tmp_path, env={**os.environ, **s3.env}, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    for _ in range(240):
-        try:
-            if urllib.request.urlopen(f"{uri}/health", timeout=1).status == 200:
-                return server, uri
-        except OSError:
-            time.sleep(0.5)
-    os.killpg(server.pid, signal.SIGKILL)
-    pytest.fail("mlflow server did not answer /health in 120 s")
+def sweep_flags(bed, *extra) -> list[str]:
+    return [*tiny_flags(bed), "--experts.num_experts", "2", "--experts.epochs", "3", "--distill.syn_steps", "2",
+            "--distill.iterations", "40", "--distill.eval_every", str(EVAL_EVERY), "--distill.eval_runs", "1",
+            "--eval.num_runs", "1", "--eval.epochs", "5", "--space", "distill.expert_epochs=1", "--space",
+            "distill.max_start_epoch=choice:1,2", "--eval-models", "convnet,alexnet", "--name", "bed", *extra]
 
 
-def sweep_command(bed, *extra) -> list[str]:
-    private = bed.private
-    return [sys.executable, "-m", "ray_mtt.tune", "--address", bed.address, "--run_dir", str(private / "runs"),
-            "--dataset", "mnist", "--data-dir", str(private / "data"), "--data.val_per_class", "5",
-            "--data.train_per_class", "60", "--model.width", "8", "--experts.dir", f"s3://{BUCKET}/experts",
-            "--experts.num_experts", "2", "--experts.epochs", "3", "--experts.batch_size", "16",
-            "--distill.syn_steps", "2", "--distill.iterations", "8", "--distill.eval_every", "2",
-            "--distill.eval_runs", "1", "--eval.num_runs", "1", "--eval.epochs", "5", "--device", "cpu",
-            "--space", "distill.expert_epochs=1", "--space", "distill.max_start_epoch=choice:1,2",
-            "--eval-models", "convnet,alexnet", "--name", "bed", *extra]
+def checkpoints_per_trial(s3) -> dict[str, int]:
+    """Tune checkpoints in the bucket so far, per trial folder (one per validation)."""
+    seen = {tuple(k.split("/")[3:5]) for k in s3.keys("ray_mtt/sweeps/bed/") if "/checkpoint_" in k}
+    return {trial: sum(1 for t, _ in seen if t == trial) for trial, _ in seen}
 
 
-def test_a_sweep_on_nodes_that_share_nothing_survives_losing_one(bed, s3, tmp_path):
-    nodes = [bed.add_worker(cpus=1) for _ in range(2)]
-    env = {**os.environ, **s3.env, "RAY_AUTH_MODE": "disabled"}
+def two_trials_mid_run(s3) -> bool:
+    """Two trials have saved a checkpoint and neither is near its end (10 validations each)."""
+    return sum(1 <= n <= 5 for n in checkpoints_per_trial(s3).values()) >= 2
+
+
+def test_a_submitted_sweep_on_nodes_that_share_nothing_survives_losing_one(head, s3, tracking):
+    """The headline command with no place flags, submitted as a job: experts, Tune state and trial
+    checkpoints go to the bucket, records to the head's server (PostgreSQL). A node is killed while
+    both trials run: its trial can only resume from its checkpoint in the bucket (the node's /tmp
+    died with it), so a broken restore shows as a trial that starts over."""
+    nodes = [head.add_worker(cpus=1) for _ in range(2)]
     # A file tracking store on a multi-node cluster is refused before anything runs.
-    refused = subprocess.run(sweep_command(bed, "--num-samples", "1", "--storage", f"s3://{BUCKET}/sweeps"),
-                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    refused = subprocess.run([sys.executable, "-m", "ray_mtt.tune", "--address", head.address,
+                              *sweep_flags(head, "--make-experts", "--tracking-uri",
+                                           f"sqlite:///{head.private}/mlflow.db")],
+                             cwd=REPO, env=head.env, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "run `mlflow server` on the head" in refused.stderr, refused.stderr[-2000:]
-    server, uri = mlflow_server(tmp_path, s3)
-    try:
-        sweep = subprocess.Popen(sweep_command(bed, "--num-samples", "3", "--make-experts", "--max-concurrent", "2",
-                                               "--storage", f"s3://{BUCKET}/sweeps", "--tracking-uri", uri),
-                                 cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.time() + 300
-        while not any("checkpoint_" in k for k in s3.keys("sweeps/bed/")) and time.time() < deadline:
-            time.sleep(0.5)
-        nodes[0].kill()  # mid-trial: the sweep must finish on the node that is left
-        output, _ = sweep.communicate(timeout=900)
-        assert sweep.returncode == 0, output[-4000:]
-        assert "best trial" in output
-        check_tracked(MlflowClient(uri), s3)
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
-    assert any(k.endswith("experiment_state.json") or "experiment_state" in k for k in s3.keys("sweeps/bed/"))
-    assert not (bed.private / "runs" / "tune" / "bed" / "trials").exists()  # no trial wrote the driver's disk
+    sweep = head.submit(sys.executable, "-m", "ray_mtt.tune", *sweep_flags(head, "--num-samples", "3", "--no-asha",
+                                                                           "--make-experts", "--max-concurrent", "2"))
+    deadline = time.time() + 600
+    while not two_trials_mid_run(s3) and time.time() < deadline and sweep.poll() is None:
+        time.sleep(0.5)
+    assert two_trials_mid_run(s3), f"two trials never ran at once: {checkpoints_per_trial(s3)}"
+    nodes[0].kill()  # mid-trial: the sweep must finish on the node that is left
+    output, _ = sweep.communicate(timeout=1200)
+    assert sweep.returncode == 0 and "best trial" in output, output[-4000:]
+    client = MlflowClient(tracking.uri)
+    check_tracked(client, s3)
+    tracking.restart()  # a second `ray up` restarts the head's server: every record is still there
+    check_tracked(MlflowClient(tracking.uri), s3)
+    assert restored_trials(s3), "no trial was restored after the node died"
+    assert not (head.private / "runs" / "tune" / "bed" / "trials").exists()  # no trial wrote the driver's disk
+
+
+def restored_trials(s3) -> list[str]:
+    """Trials whose Tune record counts a failure (they were restarted from their checkpoint)."""
+    import json
+    states = [k for k in s3.keys("ray_mtt/sweeps/bed/") if k.rsplit("/", 1)[-1].startswith("experiment_state")]
+    body = s3.s3.get_object(Bucket=BUCKET, Key=sorted(states)[-1])["Body"].read()
+    trials = json.loads(body)["trial_data"]
+    failures = {json.loads(state)["trial_id"]: json.loads(runtime).get("num_failures") for state, runtime in trials}
+    print(f"failures per trial: {failures}")
+    return [trial for trial, count in failures.items() if count]
 
 
 def check_tracked(client, s3) -> None:
@@ -242,6 +285,11 @@ def check_tracked(client, s3) -> None:
     kids = client.search_runs([experiment.experiment_id],
                               filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(kids) == 3 and all(k.info.status == "FINISHED" for k in kids)
+    for kid in kids:  # a restored trial redoes at most the iterations since its last checkpoint
+        steps = [m.step for m in client.get_metric_history(kid.info.run_id, "loss")]
+        repeated = sorted({s for s in steps if steps.count(s) > 1})
+        assert len(repeated) <= EVAL_EVERY and all(s >= EVAL_EVERY for s in repeated), (
+            f"trial run {kid.info.run_id} started over: iterations {repeated} logged twice")
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
     best = parent.data.tags["ray_mtt.best_trial_run_id"]
     assert "alexnet" in open(client.download_artifacts(best, "accuracy_by_architecture.json")).read()
@@ -279,7 +327,7 @@ def test_a_dead_node_under_a_job_out_of_retries_is_one_line_and_rerunning_resume
                "--data.val_per_class", "5", "--data.train_per_class", "60", "--model.width", "8",
                "--num-experts", str(EXPERTS), "--epochs", str(EPOCHS), "--experts.batch_size", "16",
                "--storage", cfg.expert_dir, "--run_dir", cfg.run_dir, "--device", "cpu"]
-    env = {**os.environ, **s3.env, "RAY_AUTH_MODE": "disabled"}
+    env = bed.env
     driver = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while not any(store.saved_epoch_count(k) > 1 for k in range(EXPERTS)) and time.time() < deadline:

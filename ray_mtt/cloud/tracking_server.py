@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 
@@ -29,7 +30,15 @@ def stop_earlier_server() -> None:
         pid = int(pid_file().read_text())
         os.killpg(pid, signal.SIGTERM)
     except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
-        pass
+        return
+    deadline = time.time() + 60
+    while time.time() < deadline:  # its port is free once its group is gone
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.killpg(pid, signal.SIGKILL)
 
 
 def serve(backend: str, artifacts: str, host: str, port: int, region: str | None = None) -> None:
