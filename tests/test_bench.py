@@ -4,6 +4,7 @@ import pytest
 from tests.helpers import run_cli
 
 
+@pytest.mark.slow  # four memory children, a fresh process each: ~50 s
 def test_bench_logs_timing_speedups_and_memory_to_mlflow(tmp_path):
     mlflow = pytest.importorskip("mlflow")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

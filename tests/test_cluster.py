@@ -81,12 +81,25 @@ def tracking(tmp_path, s3):
     server.stop()
 
 
+def start_head(tmp_path, s3, tracking_uri: str | None = None) -> SharedNothingCluster:
+    """A `ray up` head as cluster/aws.yaml makes it: the job API, and the places every command
+    defaults to in its environment (the bucket; the head's MLflow server, when there is one)."""
+    places = {"RAY_MTT_STORAGE": f"s3://{BUCKET}/ray_mtt", **({"RAY_MTT_TRACKING_URI": tracking_uri} if tracking_uri
+                                                                else {})}
+    return start_bed(tmp_path, {**s3.env, **places}, job_api=True)
+
+
 @pytest.fixture
 def head(tmp_path, s3, tracking):
-    """A `ray up` head as cluster/aws.yaml makes it: the job API, and the places every command
-    defaults to in its environment (the bucket, the head's MLflow server)."""
-    cluster = start_bed(tmp_path, {**s3.env, "RAY_MTT_STORAGE": f"s3://{BUCKET}/ray_mtt",
-                                   "RAY_MTT_TRACKING_URI": tracking.uri}, job_api=True)
+    cluster = start_head(tmp_path, s3, tracking.uri)
+    yield cluster
+    cluster.shutdown()
+
+
+@pytest.fixture
+def experts_head(tmp_path, s3):
+    """A head for a job that records nothing in MLflow (the experts job)."""
+    cluster = start_head(tmp_path, s3)
     yield cluster
     cluster.shutdown()
 
@@ -116,7 +129,8 @@ def tiny_flags(bed) -> list[str]:
             "--run_dir", str(bed.private / "runs")]
 
 
-def test_a_submitted_experts_job_trains_on_workers_that_share_nothing_and_lands_in_the_bucket(head, s3):
+def test_a_submitted_experts_job_trains_on_workers_that_share_nothing_and_lands_in_the_bucket(experts_head, s3):
+    head = experts_head
     """`ray job submit` with the token, and no --storage: the cluster's RAY_MTT_STORAGE puts the
     trajectories in the bucket. The workers see neither the data nor the driver's /tmp or $HOME."""
     for _ in range(2):
@@ -302,7 +316,7 @@ def test_a_local_store_that_workers_cannot_see_is_a_one_line_error(bed):
     bed.add_worker(cpus=1)
     cfg = expert_config(bed)
     cfg.experts.dir = str(bed.private / "experts")  # the driver's disk, hidden from the worker
-    with pytest.raises(UserError, match="1 of 1 nodes cannot see; pass --storage s3://"):
+    with pytest.raises(UserError, match="1 of 2 nodes cannot see; pass --storage s3://"):  # the head sees it
         run_job(cfg, bed.address, JobResources(use_gpu="no"))
 
 

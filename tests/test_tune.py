@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from tests.helpers import REPO, run_cli
+from tests.helpers import REPO, assert_one_line_error, run_cli
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402
@@ -125,15 +125,22 @@ def test_interrupted_sweep_resumes_without_losing_finished_trials(tmp_path):
     check_store(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"), 3)
 
 
-def test_bad_sweep_inputs_are_one_line_errors(tmp_path):
-    for argv, fragment in [
+def test_bad_sweep_inputs_are_one_line_errors(tmp_path, capsys):
+    """The first case as the program a user runs; the rest in process (each program start costs
+    Python, torch and Ray imports), through the same run_cli that turns an error into one line."""
+    from ray_mtt.cli.common import run_cli as run_main
+    from ray_mtt.cli.tune import main
+    cases = [
         (["--dataset", "imagenet21k"], "unknown dataset 'imagenet21k'; known:"),
         (["--dataset", "cifar10", "--data-dir", str(tmp_path / "nowhere")], "data dir"),
-        (["--run_dir", str(tmp_path)], "no expert trajectories"),
+        ([], "no expert trajectories"),
         (["--space", "distill.lr_img=loguniform:10"], "bad range"),
         (["--space", "distill.n_steps=choice:1,2"], "unknown key 'distill.n_steps'"),
-    ]:
-        result = run_cli("ray_mtt.tune", *argv)
-        assert result.returncode == 2, result.stderr[-2000:]
-        assert fragment in result.stderr.strip().splitlines()[-1], result.stderr[-2000:]
-        assert "Traceback" not in result.stderr
+    ]
+    assert_one_line_error(run_cli("ray_mtt.tune", "--run_dir", str(tmp_path), *cases[0][0]), cases[0][1])
+    for argv, fragment in cases[1:]:
+        with pytest.raises(SystemExit) as stopped:
+            run_main(main, ["--run_dir", str(tmp_path), *argv])
+        stderr = capsys.readouterr().err
+        assert stopped.value.code == 2 and "Traceback" not in stderr, stderr
+        assert stderr.strip().splitlines()[-1].startswith("error: ") and fragment in stderr.strip(), stderr

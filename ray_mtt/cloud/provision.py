@@ -125,6 +125,7 @@ def ensure_database(session, values: ClusterValues, vpc: str, node_group: str) -
 
 def provision(session, values: ClusterValues, ssh_cidr: str, vpc: str = "") -> ClusterValues:
     """Everything the cluster config names; returns the values with the security group filled in."""
+    values.check(with_group=False)  # a bad value stops here, before anything is created
     account = session.client("sts", region_name=values.region).get_caller_identity()["Account"]
     ensure_bucket(session.client("s3", region_name=values.region), values.bucket, values.region)
     ec2 = session.client("ec2", region_name=values.region)

@@ -26,7 +26,8 @@ class ClusterValues:
     security_group: str = ""  # sg-...: the project's group (provision creates it)
     region: str = "us-west-2"  # the AWS region of the cluster, its bucket and its database
     cluster: str = "ray-mtt"  # Ray's cluster_name: the tag the head may manage instances by
-    tracking: Literal["postgres", "sqlite"] = "postgres"  # MLflow backend: RDS PostgreSQL, or a file on the head (lost at ray down)
+    # MLflow's records: RDS PostgreSQL, or sqlite, a file on the head that is LOST at `ray down` (a quick trial)
+    tracking: Literal["postgres", "sqlite"] = "postgres"
 
     @property
     def tracking_parameter(self) -> str:
@@ -43,14 +44,16 @@ class ClusterValues:
         match = ECR.match(self.image)
         return match.groupdict() if match else None
 
-    def check(self) -> "ClusterValues":
-        missing = [f"--{name}" for name in ("bucket", "image", "ami", "security_group") if not getattr(self, name)]
+    def check(self, with_group: bool = True) -> "ClusterValues":
+        """Every value present and usable (before provision creates anything: `with_group=False`)."""
+        needed = ("bucket", "image", "ami", "security_group") if with_group else ("bucket", "image", "ami")
+        missing = [f"--{name.replace('_', '-')}" for name in needed if not getattr(self, name)]
         if missing:
-            raise UserError(f"the cluster config needs {', '.join(m.replace('_', '-') for m in missing)}")
+            raise UserError(f"the cluster config needs {', '.join(missing)}")
         if not DIGEST.search(self.image):
             raise UserError(f"image {self.image!r} is not pinned by digest; pass REGISTRY/REPO@sha256:... "
                             f"(`docker inspect --format '{{{{index .RepoDigests 0}}}}' IMAGE` after the push)")
-        if not self.security_group.startswith("sg-"):
+        if with_group and not self.security_group.startswith("sg-"):
             raise UserError(f"security group {self.security_group!r} is not an id (sg-...); "
                             f"`python -m ray_mtt.cluster provision` creates it and prints it")
         if self.ecr and self.ecr["region"] != self.region:
