@@ -40,6 +40,23 @@ def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
+def run_in_process(command: str, *argv: str) -> subprocess.CompletedProcess:
+    """A command run as `python -m ray_mtt.<command>` would run it (run_cli: one-line errors, exit
+    codes), in this process: a program start costs seconds of torch and Ray imports."""
+    import contextlib
+    import io
+
+    from ray_mtt.cli import run_command
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            run_command(command, list(argv))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    return subprocess.CompletedProcess([command, *argv], code, out.getvalue(), err.getvalue())
+
+
 def assert_one_line_error(result, *fragments):
     """Exit code 2, one `error: ...` line on stderr naming each fragment, no traceback."""
     assert result.returncode == 2, result.stderr[-2000:]

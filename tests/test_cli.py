@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from ray_mtt.core.experts import train_experts
-from tests.helpers import REPO, assert_one_line_error, run_cli, tiny_config
+from tests.helpers import REPO, assert_one_line_error, run_cli, run_in_process, tiny_config
 
 TINY = ["--model.width", "16", "--experts.num_experts", "1", "--experts.epochs", "3", "--distill.syn_steps", "2",
         "--distill.expert_epochs", "1", "--distill.max_start_epoch", "2", "--distill.iterations", "1",
@@ -110,7 +110,7 @@ def test_evaluate_missing_synthetic(tmp_path):
                                                ("head-node", "is not HOST:PORT")])
 def test_unreachable_ray_address_fails_in_seconds(tmp_path, address, fragment):
     pytest.importorskip("ray")
-    result = run_cli("ray_mtt.experts", "--address", address, "--run_dir", str(tmp_path), *TINY)
+    result = run_in_process("experts", "--address", address, "--run_dir", str(tmp_path), *TINY)
     assert_one_line_error(result, fragment, "--address")
 
 
