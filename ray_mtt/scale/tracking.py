@@ -1,8 +1,9 @@
 """MLflow tracking (orchestration layer): runs, metrics, image grids, distilled sets, accuracy tables.
 
 Uses MlflowClient with explicit run ids rather than mlflow's global active run, so several Tune
-trials can log from one process. The default store is a local sqlite file with artifacts in a
-folder beside it, so nothing needs a server; `--tracking-uri http://host:port` logs to a server.
+trials can log from one process. The default store (scale/places.py) is the cluster's server
+($RAY_MTT_TRACKING_URI) when set, else a local sqlite file with artifacts in a folder beside it, so
+nothing needs a server; `--tracking-uri http://host:port` logs to a server.
 """
 from __future__ import annotations
 
