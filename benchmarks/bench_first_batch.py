@@ -20,7 +20,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.cluster_bed import BUCKET, S3Endpoint, SharedNothingCluster  # noqa: E402
+from tests.cluster_bed import BUCKET, S3Endpoint, SharedNothingCluster, use_token_auth  # noqa: E402
+
+use_token_auth()  # the bed runs token auth; Ray reads the mode when it is first imported (below)
 
 
 def write_tiny_imagenet(root: Path, train_per_class: int = 500, classes: int = 200, val: int = 10_000) -> Path:

@@ -26,6 +26,18 @@ RAY = str(Path(sys.executable).with_name("ray"))
 BUCKET = "mtt-bucket"
 
 
+def use_token_auth() -> Path:
+    """Make this process a token-authenticated Ray client, with one token file of mode 0600 (kept if
+    already set). Ray reads RAY_AUTH_MODE when it is imported: call this before anything imports ray."""
+    if not os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        token = Path(tempfile.mkdtemp(prefix="ray_mtt_token_")) / "auth_token"
+        token.write_text(secrets.token_hex(32))
+        token.chmod(0o600)
+        os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)
+    os.environ["RAY_AUTH_MODE"] = "token"
+    return Path(os.environ["RAY_AUTH_TOKEN_PATH"])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -84,12 +96,9 @@ class SharedNothingCluster:
 
     def __init__(self, workdir: Path, hidden: list[Path], env: dict[str, str], job_api: bool = False):
         self.workdir, self.hidden = workdir, [p.resolve() for p in hidden]
-        # This process is a client too (probes, node watch): Ray reads the mode at import, so the
-        # token is the process's own when it has one (tests/conftest.py sets it before ray loads).
-        self.token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or workdir / "auth_token")
-        if not self.token.is_file():
-            self.token.write_text(secrets.token_hex(32))
-            self.token.chmod(0o600)
+        # This process is a client too (probes, node watch): the process's token (use_token_auth,
+        # which tests/conftest.py and the benchmarks call before ray loads) is the cluster's.
+        self.token = use_token_auth()
         self.auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token)}
         self.saved_env = {k: os.environ.get(k) for k in self.auth}
         os.environ.update(self.auth)
