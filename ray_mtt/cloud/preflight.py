@@ -7,6 +7,8 @@ import re
 import stat
 from pathlib import Path
 
+from .render import DIGEST, ECR, ecr_repository_arn
+
 G_SPOT_VCPU_QUOTA = "L-3819A6DF"  # EC2 "All G and VT Spot Instance Requests", in vCPUs; 0 on many new accounts
 OPEN = ("0.0.0.0/0", "::/0")
 
@@ -66,7 +68,6 @@ def check_amis(ec2, config: dict) -> list[str]:
 
 def check_image(session, config: dict) -> list[str]:
     """Pinned by digest, present in ECR, and pullable by both node profiles (their policies name it)."""
-    from .render import DIGEST, ECR
     image = config["docker"]["image"]
     if not DIGEST.search(image):
         return [f"image {image} is a tag, not a digest; render with REGISTRY/REPO@sha256:..."]
@@ -78,7 +79,7 @@ def check_image(session, config: dict) -> list[str]:
         client.describe_images(repositoryName=ecr["repository"], imageIds=[{"imageDigest": image.split("@", 1)[1]}])
     except client.exceptions.ClientError:
         return [f"image {image} is not in ECR; push it (README step 1) and render with the digest the push printed"]
-    arn = f"arn:aws:ecr:{ecr['region']}:{ecr['account']}:repository/{ecr['repository']}"
+    arn = ecr_repository_arn(ecr.groupdict())
     iam = session.client("iam")
     problems = []
     for profile in sorted({t["node_config"]["IamInstanceProfile"]["Name"] for t in node_types(config).values()}):

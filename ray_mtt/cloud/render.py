@@ -18,6 +18,11 @@ ECR = re.compile(r"^(?P<account>\d{12})\.dkr\.ecr\.(?P<region>[a-z0-9-]+)\.amazo
 SQLITE_BACKEND = "sqlite:////home/ray/mlflow/mlflow.db"
 
 
+def ecr_repository_arn(ecr: dict) -> str:
+    """The repository of an ECR image (ECR.match(...).groupdict()), as IAM names it."""
+    return f"arn:aws:ecr:{ecr['region']}:{ecr['account']}:repository/{ecr['repository']}"
+
+
 @dataclass
 class ClusterValues:
     bucket: str = ""  # the S3 bucket of trajectories, sweeps and MLflow artifacts
@@ -67,8 +72,7 @@ class ClusterValues:
                 "RAY_MTT_SECURITY_GROUP": self.security_group, "RAY_MTT_REGION": self.region,
                 "RAY_MTT_CLUSTER": self.cluster, "RAY_MTT_TRACKING_BACKEND": self.tracking_backend,
                 "RAY_MTT_TRACKING_PARAMETER": self.tracking_parameter, "RAY_MTT_ACCOUNT": account,
-                "RAY_MTT_ECR_REPOSITORY_ARN": (f"arn:aws:ecr:{ecr['region']}:{ecr['account']}:repository/"
-                                               f"{ecr['repository']}" if ecr else "")}
+                "RAY_MTT_ECR_REPOSITORY_ARN": ecr_repository_arn(ecr) if ecr else ""}
 
 
 def fill(text: str, values: dict[str, str], source: str) -> str:
