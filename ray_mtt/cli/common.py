@@ -7,10 +7,11 @@ import dataclasses
 import importlib.util
 import sys
 import typing
+from pathlib import Path
 from typing import Callable
 
-from ..core.config import (SECTIONS, Config, field_types, parse_value, apply_overrides, default_config_path,
-                           field_help, load_yaml)
+from ..core.config import (METHODS, SECTIONS, Config, apply_overrides, default_config_path, field_help, field_types,
+                           load_yaml, parse_value, shipped_configs)
 from ..core.data import Dataset, load_dataset
 from ..core.distill import Reporter
 from ..core.errors import Interrupted, UserError
@@ -55,7 +56,8 @@ def parse_command(prog: str, doc: str | None, argv: list[str] | None,
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     """Add --config, the short flags, and one `--section.field` flag per config field, whose help
     is the field's comment in core/config.py."""
-    parser.add_argument("--config", help="YAML config; default: the shipped <dataset>_ipc<ipc>.yaml when it exists")
+    parser.add_argument("--config", help="YAML config; default: the shipped <dataset>_ipc<ipc>.yaml of --method "
+                        "when it exists")
     parser.add_argument("--dataset", dest="data.dataset", default=argparse.SUPPRESS, help="short for --data.dataset")
     parser.add_argument("--ipc", dest="distill.ipc", default=argparse.SUPPRESS, help="short for --distill.ipc")
     parser.add_argument("--data-dir", dest="data.data_dir", default=argparse.SUPPRESS, help="short for --data.data_dir")
@@ -79,14 +81,13 @@ def config_from_args(args: argparse.Namespace, announce: bool = True, base: Conf
     """Defaults (or `base`, e.g. the config a distilled set was made with), then the YAML (explicit
     --config, or without a base the shipped one for dataset x IPC), then flags. `announce` prints
     where the config came from and every value in use."""
-    cli = {k: v for k, v in vars(args).items() if "." in k or k in ("device", "seed", "run_dir")}
+    cli = {k: v for k, v in vars(args).items() if "." in k or k in ("device", "seed", "run_dir", "method")}
     cfg = base or Config()
     config_path = getattr(args, "config", None)
     if config_path is None and base is None:
-        dataset = cli.get("data.dataset", cfg.data.dataset)
-        ipc = parse_value(cli.get("distill.ipc", cfg.distill.ipc), int, "distill.ipc")
-        shipped = default_config_path(dataset, ipc)
-        config_path = shipped if shipped.is_file() else None
+        config_path = shipped_config(cli.get("data.dataset", cfg.data.dataset),
+                                     parse_value(cli.get("distill.ipc", cfg.distill.ipc), int, "distill.ipc"),
+                                     cli.get("method", cfg.method))
     if config_path is not None:
         apply_overrides(cfg, load_yaml(config_path), str(config_path))
     apply_overrides(cfg, cli, "command line")
@@ -98,13 +99,27 @@ def config_from_args(args: argparse.Namespace, announce: bool = True, base: Conf
     return cfg
 
 
+def shipped_config(dataset: str, ipc: int, method: str) -> Path | None:
+    """The shipped config of dataset x IPC for a method: MTT falls back to the defaults where none ships;
+    another method was asked for by name, so a missing one is an error naming those that exist."""
+    if method not in METHODS:
+        raise UserError(f"--method {method!r} is unknown; known: {', '.join(METHODS)}")
+    path = default_config_path(dataset, ipc, method)
+    if path.is_file():
+        return path
+    if method == "mtt":
+        return None
+    raise UserError(f"--method {method} ships no config for {dataset} IPC {ipc}; shipped: "
+                    f"{', '.join(shipped_configs(method))}; or pass --config FILE")
+
+
 def describe_config(cfg: Config, path, flags: list[str]) -> str:
     source = f"{path}" if path else "defaults (no shipped config for this dataset and IPC)"
     lines = [f"config: {source}" + (f" + flags {', '.join(flags)}" if flags else "")]
     for section, values in cfg.to_dict().items():
         if isinstance(values, dict):
             lines.append(f"  {section}: " + " ".join(f"{k}={v}" for k, v in values.items()))
-    lines.append(f"  run: device={cfg.device} seed={cfg.seed} run_dir={cfg.run_dir}")
+    lines.append(f"  run: method={cfg.method} device={cfg.device} seed={cfg.seed} run_dir={cfg.run_dir}")
     return "\n".join(lines)
 
 

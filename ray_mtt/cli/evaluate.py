@@ -10,7 +10,7 @@ from __future__ import annotations
 from ..core.config import config_from_dict
 from ..core.data import load_dataset
 from ..core.errors import UserError
-from ..core.evaluate import format_table, load_synthetic, score, score_with_baseline
+from ..core.evaluate import format_table, load_synthetic, score_with_baseline
 from ..core.train import resolve_device
 from .common import add_config_args, config_from_args, new_parser
 
@@ -47,9 +47,8 @@ def main(argv: list[str] | None = None) -> None:
         raise mismatch(saved, path, data.spec.name, "x".join(map(str, want)))
     saved = {k: v.to(device) if hasattr(v, "to") else v for k, v in saved.items()}
     lr = float(saved["lr"])
-    if args.baseline:
-        rows = score_with_baseline(saved, cfg, data, progress=True)
-    else:
-        rows = {"distilled": score(saved["images"], saved["labels"], lr, cfg, data, progress=True)}
-    print(f"test accuracy over {cfg.eval.num_runs} networks each (distilled set trained with its learned lr {lr:.4g})")
+    rows = score_with_baseline(saved, cfg, data, progress=True, baseline=args.baseline)
+    labels = "its learned soft labels" if saved.get("label_logits") is not None else "its labels"
+    print(f"test accuracy over {cfg.eval.num_runs} networks each (distilled set trained on {labels} with its "
+          f"learned lr {lr:.4g})")
     print(format_table(rows))

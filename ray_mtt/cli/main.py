@@ -13,7 +13,7 @@ import time
 
 from ..core.config import Config
 from ..core.distill import distill
-from ..core.evaluate import Score, format_table, load_synthetic, score_with_baseline
+from ..core.evaluate import HARD_LABELS, Score, format_table, load_synthetic, score_with_baseline
 from ..core.errors import UserError
 from .common import (add_job_args, add_tracking_arg, finish_tracking, load_data, make_experts, parse_command,
                      reporter_for, tracked_run)
@@ -35,14 +35,16 @@ def run_pipeline(cfg: Config, job: argparse.Namespace, progress: bool = True, tr
         best = load_synthetic(result["best"], data.x_test.device)
         rows = score_with_baseline(best, cfg, data, progress=progress)
         times["evaluate_s"] = time.perf_counter() - t0
-        distilled, baseline = rows.values()
-        finish_tracking(tracked, {"distilled": distilled, "random real": baseline},
+        distilled, baseline = rows["distilled"], rows["random real"]
+        finish_tracking(tracked, rows,
                         {"s_per_iter": result["s_per_iter"], "best_val_acc": result["val_acc"], **times})
     summary = {
         "dataset": cfg.data.dataset, "ipc": cfg.distill.ipc, "best_iteration": result["best_iteration"],
         "val_acc": result["val_acc"], "s_per_iter": result["s_per_iter"], "learned_lr": float(best["lr"]),
         "test": scores_json(distilled), "random_real_test": scores_json(baseline), **times,
     }
+    if HARD_LABELS in rows:  # the same images without their learned labels
+        summary["hard_label_test"] = scores_json(rows[HARD_LABELS])
     (cfg.distill_dir / "results.json").write_text(json.dumps({"config": cfg.to_dict(), **summary}, indent=1))
     print(f"\n{cfg.data.dataset} IPC={cfg.distill.ipc}: test accuracy over {cfg.eval.num_runs} networks "
           f"(synthetic set picked at iteration {result['best_iteration']} on the validation split, "

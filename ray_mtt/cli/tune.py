@@ -22,7 +22,7 @@ from pathlib import Path
 from ..core.errors import UserError
 from ..core.evaluate import format_table
 from ..scale.options import SweepOptions
-from ..scale.tune import SWEPT, SweepOutcome, run_sweep
+from ..scale.tune import SweepOutcome, run_sweep
 from .common import add_options, options_from_args, parse_command
 
 
@@ -34,11 +34,12 @@ def add_sweep_args(parser: argparse.ArgumentParser) -> None:
 
 def print_outcome(outcome: SweepOutcome, num_runs: int) -> None:
     ranked = outcome.ranked
+    swept = list(ranked[0].config)  # the search space's dimensions
     print("\ntrials (best validation accuracy over the run):")
-    print("| trial | " + " | ".join(k.split(".")[1] for k in SWEPT) + " | iterations | best val acc |")
-    print("|---|" + "---|" * (len(SWEPT) + 2))
+    print("| trial | " + " | ".join(k.split(".")[-1] for k in swept) + " | iterations | best val acc |")
+    print("|---|" + "---|" * (len(swept) + 2))
     for r in ranked:
-        cells = [f"{v:.3g}" if isinstance(v, float) else str(v) for v in (r.config.get(k) for k in SWEPT)]
+        cells = [f"{v:.3g}" if isinstance(v, float) else str(v) for v in (r.config.get(k) for k in swept)]
         print(f"| {Path(r.path).name[:24]} | " + " | ".join(cells) + f" | {r.metrics['iteration']} | "
               f"{100 * r.metrics['best_val_acc']:.1f} % |")
     best = ranked[0]

@@ -81,13 +81,26 @@ class DistillConfig:
     ipc: int = 1  # synthetic images per class
     syn_steps: int = 20  # N: student steps on the synthetic set per iteration
     expert_epochs: int = 2  # M: target is M expert epochs after the start
-    max_start_epoch: int = 5  # T+: start epoch drawn from {0, ..., T+ - 1}
+    max_start_epoch: int = 5  # T+: start epoch drawn from {T-, ..., T+ - 1}
+    # DATM's difficulty-aligned window: the draw's upper bound UB starts at T and grows to T+ over E
+    # iterations, UB = min(T + (T+ - T) * iteration // E, T+); the start epoch is drawn from {T-, ..., UB - 1}.
+    min_start_epoch: int = 0  # T-: the smallest start epoch drawn
+    first_max_start_epoch: int = 0  # T: the upper bound at iteration 0 (exclusive); 0 = T+ from the start (MTT)
+    expansion_iterations: int = 0  # E: iterations over which the upper bound grows from T to T+
     iterations: int = 300  # outer iterations (the paper: 5000)
     lr_img: float = 100.0  # SGD step size (momentum 0.5) of the synthetic pixels
     lr_lr: float = 1e-5  # SGD step size (momentum 0.5) of the learnable alpha
     lr_teacher: float = 0.01  # initial learnable student step size alpha
     batch_syn: int = 0  # synthetic minibatch per student step; 0 = the whole set
-    init: str = "real"  # real | noise
+    # real: random real images; noise; correct: per class the first ipc real images (seeded order) that an
+    # expert's final snapshot classifies correctly (DATM)
+    init: str = "real"
+    # learn a logit vector per image (DATM): initialised to the mean final-snapshot logits of the experts
+    # that classify the image correctly; student steps and evaluation train on softmax(logits)
+    soft_labels: bool = False
+    lr_y: float = 2.0  # SGD step size of the soft labels' logits
+    momentum_y: float = 0.9  # SGD momentum of the soft labels' logits
+    loss_threshold: float = 0.0  # an iteration whose matching loss exceeds this takes no optimizer step; 0 = off
     grad_mode: str = "unrolled"  # unrolled (keep the whole graph) | checkpointed (memory flat in N)
     eval_every: int = 100  # evaluate on the validation split every k iterations (0 = only at the end)
     eval_runs: int = 2  # networks trained per periodic validation
@@ -114,6 +127,9 @@ class Config:
     experts: ExpertConfig = field(default_factory=ExpertConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # the family of shipped configs: mtt (configs/<dataset>_ipc<k>.yaml) or datm (configs/datm/...); the
+    # options themselves decide what runs, this names where the defaults came from
+    method: str = "mtt"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0  # root of every random stream (seeds.py): experts, distillation, evaluation, DSA
     run_dir: str = "runs"  # where outputs go: <run_dir>/<dataset>/..., the local MLflow store
@@ -157,7 +173,15 @@ class Config:
             (d.iterations >= 0, f"distill.iterations must be >= 0, got {d.iterations}"),
             (d.lr_img > 0 and d.lr_lr >= 0 and d.lr_teacher > 0, "distill learning rates must be positive"),
             (d.batch_syn >= 0, f"distill.batch_syn must be >= 0 (0 = all), got {d.batch_syn}"),
-            (d.init in ("real", "noise"), f"distill.init must be 'real' or 'noise', got {d.init!r}"),
+            (d.init in ("real", "noise", "correct"), f"distill.init must be 'real', 'noise' or 'correct', got {d.init!r}"),
+            (0 <= d.min_start_epoch < d.max_start_epoch,
+             f"distill.min_start_epoch must lie in [0, max_start_epoch), got {d.min_start_epoch}"),
+            (not d.first_max_start_epoch or (d.min_start_epoch < d.first_max_start_epoch <= d.max_start_epoch
+                                             and d.expansion_iterations >= 1),
+             "distill.first_max_start_epoch must lie in (min_start_epoch, max_start_epoch] with "
+             "distill.expansion_iterations >= 1 (or be 0 for a fixed window)"),
+            (d.lr_y > 0 and 0 <= d.momentum_y < 1, "distill.lr_y must be > 0 and distill.momentum_y in [0, 1)"),
+            (d.loss_threshold >= 0, f"distill.loss_threshold must be >= 0 (0 = off), got {d.loss_threshold}"),
             (d.grad_mode in ("unrolled", "checkpointed"),
              f"distill.grad_mode must be 'unrolled' or 'checkpointed', got {d.grad_mode!r}"),
             (d.eval_every >= 0 and d.eval_runs >= 1 and d.eval_epochs >= 0,
@@ -175,6 +199,7 @@ class Config:
             (not is_uri(self.data.beton_dir), "data.beton_dir must be a local or shared-filesystem path: FFCV "
              "memory-maps the file, it cannot read a URI"),
             (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
+            (self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}"),
             (self.data.image_size >= 8, f"data.image_size must be >= 8, got {self.data.image_size}"),
             (0 < self.data.test_fraction < 1, f"data.test_fraction must lie in (0, 1), got {self.data.test_fraction}"),
             (self.model.width >= 0 and self.model.depth >= 0, "model.width and model.depth must be >= 0 (0 = the model's default)"),
@@ -279,5 +304,14 @@ def load_yaml(path: str | Path) -> dict:
     return flatten_sections(tree, str(path))
 
 
-def default_config_path(dataset: str, ipc: int) -> Path:
-    return CONFIG_DIR / f"{dataset}_ipc{ipc}.yaml"
+METHODS = ("mtt", "datm")  # mtt's configs sit at the top of the config folder, each other method's in its own
+
+
+def default_config_path(dataset: str, ipc: int, method: str = "mtt") -> Path:
+    return (CONFIG_DIR if method == "mtt" else CONFIG_DIR / method) / f"{dataset}_ipc{ipc}.yaml"
+
+
+def shipped_configs(method: str) -> list[str]:
+    """The <dataset>_ipc<k> names a method ships configs for."""
+    folder = CONFIG_DIR if method == "mtt" else CONFIG_DIR / method
+    return sorted(p.stem for p in folder.glob("*_ipc*.yaml"))

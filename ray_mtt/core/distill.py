@@ -21,6 +21,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,7 @@ from .allocator import retain_freed_memory_on
 from .augment import DSA, AugParams, apply
 from .config import Config, DistillConfig
 from .data import Dataset
+from .datm import correctly_classified, initial_label_logits, label_entropy, start_window
 from .errors import UserError
 from .evaluate import score
 from .experts import store_identity
@@ -46,19 +48,35 @@ Step = tuple[torch.Tensor, AugParams | None]  # (synthetic indices, augmentation
 @dataclass
 class SyntheticSet:
     images: torch.Tensor  # float, in network-input space (normalised or ZCA), requires grad
-    labels: torch.Tensor
+    labels: torch.Tensor  # the class of each image
     lr: torch.Tensor  # learnable student step size alpha (scalar), requires grad
+    label_logits: torch.Tensor | None = None  # learned soft labels (DATM), requires grad; None = hard labels
+
+    def targets(self, idx: torch.Tensor) -> torch.Tensor:
+        """What the student's cross-entropy is taken against: softmax(logits) (soft labels) or the classes."""
+        return self.labels[idx] if self.label_logits is None else self.label_logits[idx].softmax(1)
 
     def state(self) -> dict:
-        return {"images": self.images.detach().cpu(), "labels": self.labels.cpu(), "lr": self.lr.detach().cpu()}
+        state = {"images": self.images.detach().cpu(), "labels": self.labels.cpu(), "lr": self.lr.detach().cpu()}
+        if self.label_logits is not None:
+            state["label_logits"] = self.label_logits.detach().cpu()
+        return state
 
 
-def init_synthetic(cfg: Config, data: Dataset, generator: torch.Generator) -> SyntheticSet:
+def init_synthetic(cfg: Config, data: Dataset, generator: torch.Generator, student: FlatModel | None = None,
+                   finals: Callable[[], Iterable[torch.Tensor]] | None = None) -> SyntheticSet:
+    """The starting set: real, noise or correctly classified real images (`finals` gives a pass over the
+    experts' final snapshots, which `init: correct` and soft labels need), alpha = lr_teacher."""
     d = cfg.distill
-    x, y = data.random_real(d.ipc, generator)  # also checks that every class has ipc images
-    images = data.preprocess(x) if d.init == "real" else torch.randn(x.shape, generator=generator).to(x.device)
+    if d.init == "correct":
+        x, y = correctly_classified(data, d.ipc, student, finals(), generator)
+    else:
+        x, y = data.random_real(d.ipc, generator)  # also checks that every class has ipc images
+    images = data.preprocess(x) if d.init != "noise" else torch.randn(x.shape, generator=generator).to(x.device)
+    logits = initial_label_logits(images, y, student, finals()) if d.soft_labels else None
     lr = torch.tensor(d.lr_teacher, device=x.device)
-    return SyntheticSet(images.detach().requires_grad_(True), y, lr.requires_grad_(True))
+    return SyntheticSet(images.detach().requires_grad_(True), y, lr.requires_grad_(True),
+                        None if logits is None else logits.detach().requires_grad_(True))
 
 
 def sample_plan(num_syn: int, steps: int, batch_syn: int, dsa: DSA, size: int, device) -> list[Step]:
@@ -82,12 +100,12 @@ def _student_loss(student: FlatModel, params: torch.Tensor, syn: SyntheticSet, s
         if aug is not None:
             x = apply(x, aug)
     with timer("student forward"):
-        return F.cross_entropy(student(params, x), syn.labels[idx])
+        return F.cross_entropy(student(params, x), syn.targets(idx))
 
 
 def matching_grad_unrolled(student: FlatModel, syn: SyntheticSet, start: torch.Tensor, target: torch.Tensor,
                            plan: list[Step], timer: PhaseTimer | NoTimer = NO_TIMER) -> torch.Tensor:
-    """Backprop through all N steps at once; accumulates .grad of images and lr; returns the loss."""
+    """Backprop through all N steps at once; accumulates .grad of images, lr (and label logits); returns the loss."""
     params = start.clone().requires_grad_(True)
     for step in plan:
         loss = _student_loss(student, params, syn, step, timer)
@@ -103,8 +121,7 @@ def matching_grad_unrolled(student: FlatModel, syn: SyntheticSet, start: torch.T
 def matching_grad_checkpointed(student: FlatModel, syn: SyntheticSet, start: torch.Tensor, target: torch.Tensor,
                                plan: list[Step], timer: PhaseTimer | NoTimer = NO_TIMER) -> torch.Tensor:
     """The same gradient with one step's graph alive at a time (memory flat in N)."""
-    lr = syn.lr.detach()
-    frozen = SyntheticSet(syn.images.detach(), syn.labels, lr)
+    frozen = detached(syn)
     thetas, params = [], start
     for step in plan:  # forward: keep only the flat parameters before each step
         thetas.append(params)
@@ -112,49 +129,70 @@ def matching_grad_checkpointed(student: FlatModel, syn: SyntheticSet, start: tor
         loss = _student_loss(student, p, frozen, step, timer)
         with timer("inner gradients"):
             grad, = torch.autograd.grad(loss, p)
-            params = params - lr * grad
+            params = params - frozen.lr * grad
     with timer("outer backward (recomputes each step)"):
         return _checkpointed_backward(student, syn, start, target, plan, thetas, params)
 
 
+def detached(syn: SyntheticSet, requires_grad: bool = False) -> SyntheticSet:
+    """A copy of the set cut from its graph: leaves of their own when `requires_grad` (lr never is)."""
+    cut = [t.detach().requires_grad_(requires_grad) for t in (syn.images, syn.label_logits) if t is not None]
+    return SyntheticSet(cut[0], syn.labels, syn.lr.detach(), cut[1] if len(cut) > 1 else None)
+
+
 def _checkpointed_backward(student: FlatModel, syn: SyntheticSet, start: torch.Tensor, target: torch.Tensor,
                            plan: list[Step], thetas: list[torch.Tensor], params: torch.Tensor) -> torch.Tensor:
-    """Walk back from theta_N, one recomputed step at a time, carrying the adjoint."""
+    """Walk back from theta_N, one recomputed step at a time, carrying the adjoint a = dL/dtheta_i and
+    summing each step's exact contribution to dL/d(pixels, labels) and dL/dalpha."""
     lr = syn.lr.detach()
     denom = (start - target).pow(2).sum()
     loss = (params - target).pow(2).sum() / denom
     adjoint = 2 * (params - target) / denom  # dL/dtheta_N
-    image_grad = torch.zeros_like(syn.images)
+    set_grads = [torch.zeros_like(t) for t in set_leaves(syn)]
     lr_grad = torch.zeros_like(lr)
     for theta, step in zip(reversed(thetas), reversed(plan)):
-        # theta_{i+1} = theta_i - lr * g(theta_i, X_i): pull the adjoint back through one step.
+        # theta_{i+1} = theta_i - lr * g(theta_i, X_i, Y_i): pull the adjoint back through one step.
         p = theta.detach().requires_grad_(True)
-        images = syn.images.detach().requires_grad_(True)
-        grad, = torch.autograd.grad(_student_loss(student, p, SyntheticSet(images, syn.labels, lr), step), p,
-                                    create_graph=True)
+        leaves = detached(syn, requires_grad=True)
+        grad, = torch.autograd.grad(_student_loss(student, p, leaves, step), p, create_graph=True)
         lr_grad -= (grad.detach() * adjoint).sum()
-        hvp, image_vjp = torch.autograd.grad((grad * adjoint).sum(), (p, images))
-        image_grad -= lr * image_vjp
+        hvp, *set_vjps = torch.autograd.grad((grad * adjoint).sum(), [p, *set_leaves(leaves)])
+        for total, vjp in zip(set_grads, set_vjps):
+            total -= lr * vjp
         adjoint = adjoint - lr * hvp
-    syn.images.grad = image_grad if syn.images.grad is None else syn.images.grad + image_grad
-    syn.lr.grad = lr_grad if syn.lr.grad is None else syn.lr.grad + lr_grad
+    for tensor, grad in zip([*set_leaves(syn), syn.lr], [*set_grads, lr_grad]):
+        tensor.grad = grad if tensor.grad is None else tensor.grad + grad
     return loss.detach()
+
+
+def set_leaves(syn: SyntheticSet) -> list[torch.Tensor]:
+    """The set's own learned tensors, pixels then label logits (alpha aside: its gradient is a sum, not a VJP)."""
+    return [t for t in (syn.images, syn.label_logits) if t is not None]
 
 
 MATCHING_GRAD = {"unrolled": matching_grad_unrolled, "checkpointed": matching_grad_checkpointed}
 
 
+OPTIMIZER_KEYS = ("opt_img", "opt_lr", "opt_y")  # how a checkpoint names each optimizer's state
+
+
 def synthetic_optimizers(syn: SyntheticSet, d: DistillConfig) -> list[torch.optim.Optimizer]:
-    """SGD with momentum 0.5 on the pixels (lr_img) and on alpha (lr_lr), as the authors do."""
-    return [torch.optim.SGD([syn.images], lr=d.lr_img, momentum=0.5), torch.optim.SGD([syn.lr], lr=d.lr_lr, momentum=0.5)]
+    """SGD with momentum 0.5 on the pixels (lr_img) and on alpha (lr_lr), as the authors do; with soft
+    labels, SGD on the logits (lr_y, momentum_y), as DATM does."""
+    optimizers = [torch.optim.SGD([syn.images], lr=d.lr_img, momentum=0.5),
+                  torch.optim.SGD([syn.lr], lr=d.lr_lr, momentum=0.5)]
+    if syn.label_logits is not None:
+        optimizers.append(torch.optim.SGD([syn.label_logits], lr=d.lr_y, momentum=d.momentum_y))
+    return optimizers
 
 
 def run_iteration(student: FlatModel, syn: SyntheticSet, trajectory: Trajectory, start_epoch: int,
                   d: DistillConfig, dsa: DSA, size: int, optimizers: list[torch.optim.Optimizer],
-                  grad_mode: str | None = None, timer: PhaseTimer | NoTimer = NO_TIMER) -> torch.Tensor:
+                  grad_mode: str | None = None, timer: PhaseTimer | NoTimer = NO_TIMER) -> tuple[torch.Tensor, bool]:
     """One distillation iteration from a drawn (trajectory, start epoch): read theta*_t and theta*_{t+M},
     draw the N steps' minibatches and DSA, take the matching gradient, step the optimizers. The
-    distiller, the profiler and the benchmark all run this; returns the matching loss (no host sync)."""
+    distiller, the profiler and the benchmark all run this; returns the matching loss (no host sync
+    unless a loss threshold is set) and whether the optimizers stepped."""
     device = syn.images.device
     with timer("expert rows read"):
         start = trajectory.snapshot(start_epoch).to(device)
@@ -162,11 +200,19 @@ def run_iteration(student: FlatModel, syn: SyntheticSet, trajectory: Trajectory,
     with timer("DSA parameter sampling"):
         plan = sample_plan(len(syn.images), d.syn_steps, d.batch_syn, dsa, size, device)
     loss = MATCHING_GRAD[grad_mode or d.grad_mode](student, syn, start, target, plan, timer)
+    # DATM: a match too far off (loss above the threshold) moves nothing, momentum included.
+    stepped = not d.loss_threshold or float(loss) <= d.loss_threshold
     with timer("optimizer steps"):
         for opt in optimizers:
-            opt.step()
+            if stepped:
+                opt.step()
             opt.zero_grad(set_to_none=True)
-    return loss
+    return loss, stepped
+
+
+# What a run keeps besides the set and its optimizers (resumable): threshold skips count since iteration 0.
+FRESH_STATE = {"iteration": 0, "best_val": -1.0, "best_iteration": -1, "seconds": 0.0, "threshold_skips": 0,
+               "skips_at_last_eval": 0}
 
 
 class ExpertPool:
@@ -188,6 +234,12 @@ class ExpertPool:
         if k not in self._open:
             self._open[k] = self.store.open(k)
         return self._open[k]
+
+    def final_snapshots(self, device) -> Iterable[torch.Tensor]:
+        """Each expert's last snapshot, in store order, read one at a time (DATM's label and init models)."""
+        for k in self.indices:
+            trajectory = self.get(k)
+            yield trajectory.snapshot(trajectory.num_snapshots - 1).to(device)
 
 
 def open_experts(cfg: Config, data: Dataset) -> ExpertPool:
@@ -229,9 +281,10 @@ class Distiller:
         retain_freed_memory_on(self.device)
         self.student = FlatModel(model_for(cfg, data.spec).to(self.device))
         self.dsa = DSA(cfg.augment.strategy, cfg.augment.siamese)
-        self.syn = init_synthetic(cfg, data, generator(cfg.seed, "distill_init"))
+        self.syn = init_synthetic(cfg, data, generator(cfg.seed, "distill_init"), self.student,
+                                  lambda: experts.final_snapshots(self.device))
         self.optimizers = synthetic_optimizers(self.syn, cfg.distill)
-        self.state = {"iteration": 0, "best_val": -1.0, "best_iteration": -1, "seconds": 0.0}
+        self.state = dict(FRESH_STATE)
         self.checkpoint = self.out / "checkpoint.pt"
         if self.checkpoint.is_file():
             self.state = _resume(self.checkpoint, self.syn, self.optimizers, self.device)
@@ -239,14 +292,19 @@ class Distiller:
     def score_on_val(self, it: int) -> str:
         """Score the current set on the validation split; keep it as best.pt when it is the best so far."""
         d, syn = self.cfg.distill, self.syn
-        val = score(syn.images, syn.labels, float(syn.lr.detach()), self.cfg, self.data, models=[self.cfg.model.name],
-                    num_runs=d.eval_runs, split="val", epochs=d.eval_epochs or None, iteration=it)[self.cfg.model.name]
+        val = score(syn.images, syn.targets(slice(None)), float(syn.lr.detach()), self.cfg, self.data,
+                    models=[self.cfg.model.name], num_runs=d.eval_runs, split="val", epochs=d.eval_epochs or None,
+                    iteration=it)[self.cfg.model.name]
         if val.mean > self.state["best_val"]:
             self.state.update(best_val=val.mean, best_iteration=it)
             _save(self.out / "best.pt", {**synthetic_file(syn.state(), self.data, self.cfg), "iteration": it,
                                          "val_acc": val.mean})
-        self.reporter.evaluation(it, {"val_acc": val.mean, "val_std": val.std, "best_val_acc": self.state["best_val"]},
-                                 syn.state())
+        metrics = {"val_acc": val.mean, "val_std": val.std, "best_val_acc": self.state["best_val"],
+                   "threshold_skips": self.state["threshold_skips"] - self.state["skips_at_last_eval"]}
+        if syn.label_logits is not None:
+            metrics["label_entropy"] = label_entropy(syn.label_logits.detach())
+        self.state["skips_at_last_eval"] = self.state["threshold_skips"]
+        self.reporter.evaluation(it, metrics, syn.state())
         return f"iteration {it}: val acc {val}, lr {float(syn.lr.detach()):.4g}"
 
     def step(self, it: int) -> float:
@@ -256,24 +314,25 @@ class Distiller:
         # Every draw comes from (seed, iteration), so a resumed run draws what the uninterrupted one would have.
         seed_everything(self.cfg.seed, "distill_iteration", it)
         rng = random.Random(derive_seed(self.cfg.seed, "distill_iteration", it))
-        start_epoch = rng.randrange(d.max_start_epoch)
+        start_epoch = rng.randrange(*start_window(d, it))
         trajectory = self.experts.get(rng.choice(self.experts.indices))
-        loss = run_iteration(self.student, syn, trajectory, start_epoch, d, self.dsa, self.data.spec.size,
-                             self.optimizers)
+        loss, stepped = run_iteration(self.student, syn, trajectory, start_epoch, d, self.dsa, self.data.spec.size,
+                                      self.optimizers)
         loss = float(loss)  # syncs, so the time below is the real step time
+        self.state["threshold_skips"] += not stepped
         seconds = time.perf_counter() - t0
         self.state["seconds"] += seconds
         lr = float(syn.lr.detach())
         if not torch.isfinite(torch.tensor(loss)) or lr <= 0:
             raise UserError(f"distillation diverged at iteration {it} (loss {loss}, lr {lr:.3g}); "
                             f"lower --distill.lr_img or --distill.lr_lr")
-        self.reporter.step(it, {"loss": loss, "syn_lr": lr, "s_per_iter": seconds})
+        self.reporter.step(it, {"loss": loss, "syn_lr": lr, "s_per_iter": seconds, "start_epoch": start_epoch,
+                                "skipped": float(not stepped)})
         return loss
 
     def save_checkpoint(self) -> None:
-        opt_img, opt_lr = self.optimizers
-        _save(self.checkpoint, {**self.syn.state(), **self.state, "opt_img": opt_img.state_dict(),
-                                "opt_lr": opt_lr.state_dict()})
+        optimizers = {key: opt.state_dict() for key, opt in zip(OPTIMIZER_KEYS, self.optimizers)}
+        _save(self.checkpoint, {**self.syn.state(), **self.state, **optimizers})
 
     def run(self, progress: bool) -> dict:
         d = self.cfg.distill
@@ -313,13 +372,17 @@ def _resume(path: Path, syn: SyntheticSet, optimizers: list[torch.optim.Optimize
         saved = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
         raise UserError(f"cannot read checkpoint {path} ({e}); delete it to restart distillation") from None
-    if saved["images"].shape != syn.images.shape:
-        raise UserError(f"checkpoint {path} holds {tuple(saved['images'].shape)} images but this config needs "
-                        f"{tuple(syn.images.shape)}; use another --distill.out_dir or delete the checkpoint")
+    if saved["images"].shape != syn.images.shape or ("label_logits" in saved) != (syn.label_logits is not None):
+        raise UserError(f"checkpoint {path} holds {tuple(saved['images'].shape)} images "
+                        f"{'with' if 'label_logits' in saved else 'without'} soft labels but this config needs "
+                        f"{tuple(syn.images.shape)} {'with' if syn.label_logits is not None else 'without'}; "
+                        f"use another --distill.out_dir or delete the checkpoint")
     with torch.no_grad():
         syn.images.copy_(saved["images"])
         syn.lr.copy_(saved["lr"])
+        if syn.label_logits is not None:
+            syn.label_logits.copy_(saved["label_logits"])
     syn.labels.copy_(saved["labels"])
-    for opt, key in zip(optimizers, ("opt_img", "opt_lr")):
+    for opt, key in zip(optimizers, OPTIMIZER_KEYS):
         opt.load_state_dict(saved[key])
-    return {k: saved[k] for k in ("iteration", "best_val", "best_iteration", "seconds")}
+    return {k: saved.get(k, default) for k, default in FRESH_STATE.items()}

@@ -97,15 +97,33 @@ def random_real_set(cfg: Config, data: Dataset) -> tuple[torch.Tensor, torch.Ten
     return data.preprocess(x), y
 
 
-def score_with_baseline(synthetic: dict, cfg: Config, data: Dataset, models: list[str] | None = None,
-                        progress: bool = False) -> dict[str, dict[str, Score]]:
-    """Test accuracy of a distilled set (images, labels, lr) and of a random-real set of the same
-    IPC, per architecture: the two rows every report prints."""
+def training_labels(synthetic: dict) -> torch.Tensor:
+    """What networks train on: softmax of the learned logits (soft cross-entropy), else the classes."""
+    logits = synthetic.get("label_logits")
+    return synthetic["labels"] if logits is None else logits.detach().float().softmax(1)
+
+
+HARD_LABELS = "distilled, hard labels"
+
+
+def report_sets(synthetic: dict, cfg: Config, data: Dataset | None, baseline: bool = True) -> dict[str, tuple]:
+    """The rows of a report, name -> (images, labels, lr): the distilled set as made; with learned labels
+    also the same images with their classes (what the labels add, the DD-Ranking critique); and a
+    random-real set of the same IPC (it has no learned lr: eval.lr_real)."""
     lr = float(synthetic["lr"])
-    distilled = score(synthetic["images"], synthetic["labels"], lr, cfg, data, models=models, progress=progress)
-    x, y = random_real_set(cfg, data)
-    real = score(x, y, cfg.eval.lr_real, cfg, data, models=models, progress=progress)
-    return {"distilled": distilled, "random real": real}
+    rows = {"distilled": (synthetic["images"], training_labels(synthetic), lr)}
+    if synthetic.get("label_logits") is not None:
+        rows[HARD_LABELS] = (synthetic["images"], synthetic["labels"], lr)
+    if baseline:
+        rows["random real"] = (*random_real_set(cfg, data), cfg.eval.lr_real)
+    return rows
+
+
+def score_with_baseline(synthetic: dict, cfg: Config, data: Dataset, models: list[str] | None = None,
+                        progress: bool = False, baseline: bool = True) -> dict[str, dict[str, Score]]:
+    """Test accuracy of each report_sets row, per architecture: the table every report prints."""
+    return {name: score(images, labels, lr, cfg, data, models=models, progress=progress)
+            for name, (images, labels, lr) in report_sets(synthetic, cfg, data, baseline).items()}
 
 
 def load_synthetic(path: str | Path, device) -> dict:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..core.augment import DSA
-from ..core.config import Config, apply_overrides, default_config_path, load_yaml
+from ..core.config import METHODS, Config, apply_overrides, default_config_path, load_yaml
 from ..core.datasets import get_spec
 from ..core.distill import MATCHING_GRAD, SyntheticSet, run_iteration, sample_plan, synthetic_optimizers
 from ..core.errors import UserError
@@ -76,10 +76,16 @@ def write_trajectory(root: str, start: torch.Tensor, snapshots: int) -> Trajecto
 
 
 def make_problem(name: str, device: torch.device, syn_steps: int | None = None, width: int | None = None) -> Problem:
-    dataset, _, ipc = name.rpartition("_ipc")
-    if not dataset or not ipc.isdigit():
-        raise UserError(f"config name {name!r} must look like <dataset>_ipc<k> (e.g. cifar10_ipc10)")
-    cfg = apply_overrides(Config(), load_yaml(default_config_path(dataset, int(ipc))), name)
+    """`name`: a shipped config, <dataset>_ipc<k> (MTT's) or <method>/<dataset>_ipc<k> (e.g. datm/cifar10_ipc50)."""
+    method, _, config = name.rpartition("/")
+    dataset, _, ipc = config.rpartition("_ipc")
+    if not dataset or not ipc.isdigit() or method not in ("", *METHODS):
+        raise UserError(f"config name {name!r} must look like [<method>/]<dataset>_ipc<k> (e.g. cifar10_ipc10, "
+                        f"datm/cifar10_ipc50), method one of {', '.join(METHODS)}")
+    path = default_config_path(dataset, int(ipc), method or "mtt")
+    if not path.is_file():
+        raise UserError(f"no shipped config {name!r} ({path} is missing)")
+    cfg = apply_overrides(Config(), load_yaml(path), name)
     d = cfg.distill
     d.syn_steps = syn_steps or d.syn_steps
     cfg.model.width = width or cfg.model.width
@@ -93,7 +99,9 @@ def make_problem(name: str, device: torch.device, syn_steps: int | None = None, 
     trajectory = write_trajectory(folder.name, student.flatten().cpu(), d.expert_epochs + 1)
     images = torch.randn(d.ipc * spec.num_classes, spec.channels, spec.size, spec.size, device=device)
     labels = torch.arange(spec.num_classes, device=device).repeat_interleave(d.ipc)
-    syn = SyntheticSet(images.requires_grad_(True), labels, torch.tensor(d.lr_teacher, device=device).requires_grad_(True))
+    logits = torch.randn(len(labels), spec.num_classes, device=device).requires_grad_(True) if d.soft_labels else None
+    syn = SyntheticSet(images.requires_grad_(True), labels, torch.tensor(d.lr_teacher, device=device).requires_grad_(True),
+                       logits)
     return Problem(cfg, student, syn, trajectory, DSA(cfg.augment.strategy), spec.size, synthetic_optimizers(syn, d),
                    folder)
 
@@ -129,8 +137,9 @@ class GraphedIteration:
     def __init__(self, problem: Problem):
         d, device = problem.cfg.distill, problem.device
         syn, self.student = problem.syn, problem.student
-        self.syn = SyntheticSet(syn.images.detach().clone().requires_grad_(True), syn.labels,
-                                syn.lr.detach().clone().requires_grad_(True))
+        def leaf(t):
+            return None if t is None else t.detach().clone().requires_grad_(True)
+        self.syn = SyntheticSet(leaf(syn.images), syn.labels, leaf(syn.lr), leaf(syn.label_logits))
         self.start, self.target = (problem.trajectory.snapshot(e).to(device) for e in (0, d.expert_epochs))
         self.plan = sample_plan(len(syn.images), d.syn_steps, d.batch_syn, problem.dsa, problem.size, device)
         side = torch.cuda.Stream(device)
@@ -150,7 +159,9 @@ class GraphedIteration:
             return cls(problem)
 
     def run(self) -> None:
-        self.syn.images.grad = self.syn.lr.grad = None  # captured backward writes fresh grads, never accumulates
+        for t in (self.syn.images, self.syn.lr, self.syn.label_logits):  # captured backward writes fresh grads
+            if t is not None:
+                t.grad = None
         MATCHING_GRAD["unrolled"](self.student, self.syn, self.start, self.target, self.plan)
 
     def replay(self) -> None:

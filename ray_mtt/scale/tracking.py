@@ -55,7 +55,7 @@ def flat_config(cfg: Config) -> dict[str, str]:
             flat.update({f"{section}.{k}": ",".join(v) if isinstance(v, list) else str(v) for k, v in values.items()})
         else:
             flat[section] = str(values)
-    for name in ("lr_img", "lr_lr", "lr_teacher"):
+    for name in ("lr_img", "lr_lr", "lr_teacher", "lr_y"):
         value = getattr(cfg.distill, name)
         flat[f"distill.log10_{name}"] = f"{math.log10(value):.3f}" if value > 0 else "-inf"
     return flat

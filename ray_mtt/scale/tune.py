@@ -1,7 +1,8 @@
 """Hyperparameter sweeps of distillation on Ray Tune, tracked in MLflow (the command line is cli/tune.py).
 
 The search space covers N (syn_steps), M (expert_epochs), T+ (max_start_epoch), lr_img, lr_lr and
-the initial alpha (lr_teacher) around the config's values. ASHA stops weak trials early on the
+the initial alpha (lr_teacher) around the config's values, lr_y with soft labels; `--space` adds any
+config field (DATM's window T-, T, E and loss threshold, for instance). ASHA stops weak trials early on the
 periodic validation accuracy. MLflow gets one parent run per sweep, one child run per trial, and
 for the best trial a test-accuracy table over architectures.
 """
@@ -24,7 +25,7 @@ from ..core.config import Config, apply_overrides, config_from_dict
 from ..core.data import Splits, check_data_place, read_splits, to_device
 from ..core.distill import Reporter, distill
 from ..core.errors import UserError
-from ..core.evaluate import Score, evaluation_stream, load_synthetic, random_real_set, train_and_score
+from ..core.evaluate import Score, evaluation_stream, load_synthetic, report_sets, train_and_score
 from ..core.models import model_for
 from ..core.train import resolve_device
 from ..core.trajectories import TrajectoryStore
@@ -34,17 +35,15 @@ from .options import SweepOptions
 from .places import check_shared, cluster_can_span_nodes, default_sweep_storage, default_tracking_uri
 from .tracking import MlflowReporter, flat_config, log_result, open_experiment, start_run, system_metrics, ui_hint
 
-SWEPT = ("distill.syn_steps", "distill.expert_epochs", "distill.max_start_epoch", "distill.lr_img",
-         "distill.lr_lr", "distill.lr_teacher")
-
-
 def default_space(cfg: Config, expert_epochs_available: int) -> dict:
-    """Around the config's values; T+ - 1 + M never exceeds the epochs the experts have."""
+    """Around the config's values; T+ - 1 + M never exceeds the epochs the experts have, and T+ stays
+    above the window's lower edge T- and at least its first upper bound T. With soft labels, lr_y too."""
     d = cfg.distill
     ms = [m for m in (1, 2, 3) if m < expert_epochs_available] or [1]
     t_max = max(1, expert_epochs_available - max(ms) + 1)
-    starts = sorted({min(t_max, max(1, d.max_start_epoch // 2)), min(t_max, d.max_start_epoch)})
-    return {
+    lowest = max(d.min_start_epoch + 1, d.first_max_start_epoch)
+    starts = sorted({min(t_max, max(lowest, d.max_start_epoch // 2)), min(t_max, d.max_start_epoch)})
+    space = {
         "distill.syn_steps": tune.choice(sorted({max(1, d.syn_steps // 2), d.syn_steps, 2 * d.syn_steps})),
         "distill.expert_epochs": tune.choice(ms),
         "distill.max_start_epoch": tune.choice(starts),
@@ -52,6 +51,9 @@ def default_space(cfg: Config, expert_epochs_available: int) -> dict:
         "distill.lr_lr": tune.loguniform(d.lr_lr / 10, d.lr_lr * 10),
         "distill.lr_teacher": tune.loguniform(d.lr_teacher / 3, d.lr_teacher * 3),
     }
+    if d.soft_labels:
+        space["distill.lr_y"] = tune.loguniform(d.lr_y / 3, d.lr_y * 3)
+    return space
 
 
 def parse_space(specs: list[str], cfg: Config) -> dict:
@@ -167,24 +169,31 @@ def expert_epochs_available(cfg: Config) -> int:
     return min(store.read_info(k)["shape"][0] for k in done) - 1
 
 
-def largest_values(domain) -> list:
-    """The values of a search dimension that can be largest: all choices, a range's top, or the fixed value."""
+def extremes(domain) -> tuple:
+    """The smallest and largest value a search dimension (choice, range or fixed value) can take."""
     if hasattr(domain, "categories"):
-        return list(domain.categories)
+        return min(domain.categories), max(domain.categories)
     if hasattr(domain, "upper"):
-        return [domain.upper]
-    return [domain]
+        return domain.lower, domain.upper
+    return domain, domain
 
 
 def full_space(cfg: Config, user_space: dict) -> dict:
-    """The default space with the user's dimensions on top, checked against the experts' length."""
+    """The default space with the user's dimensions on top, checked against the experts' length and
+    the start window (T- < T <= T+ for every draw), so no trial fails on a combination it drew."""
     available = expert_epochs_available(cfg)
     space = {**default_space(cfg, available), **user_space}
-    needed = (max(largest_values(space["distill.max_start_epoch"])) - 1
-              + max(largest_values(space["distill.expert_epochs"])))
+    d = cfg.distill
+
+    def bounds(name):
+        return extremes(space.get(f"distill.{name}", getattr(d, name)))
+    needed = bounds("max_start_epoch")[1] - 1 + bounds("expert_epochs")[1]
     if needed > available:
         raise UserError(f"the search space reaches max_start_epoch - 1 + expert_epochs = {needed} but the experts "
                         f"have {available} epochs; narrow --space or train longer experts")
+    if bounds("max_start_epoch")[0] < max(bounds("min_start_epoch")[1] + 1, bounds("first_max_start_epoch")[1]):
+        raise UserError("the search space can draw max_start_epoch (T+) at or below min_start_epoch (T-) or below "
+                        "first_max_start_epoch (T); narrow --space so that T- < T <= T+ for every draw")
     return space
 
 
@@ -389,8 +398,9 @@ def score_one(cfg_dict: dict, synthetic: dict, lr: float, model: str, run: int, 
 
 def cross_architecture(cfg: Config, best_path: Path, models: list[str], splits: Splits,
                        resources: dict) -> dict[str, dict[str, Score]]:
-    """The best set and random real on every architecture that fits the images (others are said and
-    skipped), every network a Ray task, so the scoring spreads over the cluster's GPUs."""
+    """The best set (also with hard labels when it learned soft ones) and random real on every
+    architecture that fits the images (others are said and skipped), every network a Ray task, so
+    the scoring spreads over the cluster's GPUs."""
     usable = []
     for name in models:
         try:
@@ -398,10 +408,8 @@ def cross_architecture(cfg: Config, best_path: Path, models: list[str], splits: 
             usable.append(name)
         except UserError as e:
             print(f"skipping {name} in the cross-architecture table: {e}")
-    saved = load_synthetic(best_path, "cpu")
-    real_x, real_y = random_real_set(cfg, to_device(splits, "cpu"))
-    sets = {"distilled": ({"images": saved["images"], "labels": saved["labels"]}, float(saved["lr"])),
-            "random real": ({"images": real_x, "labels": real_y}, cfg.eval.lr_real)}
+    sets = {name: ({"images": images, "labels": labels}, lr) for name, (images, labels, lr)
+            in report_sets(load_synthetic(best_path, "cpu"), cfg, to_device(splits, "cpu")).items()}
     task = ray.remote(num_cpus=resources["cpu"], num_gpus=resources["gpu"])(score_one)
     splits_ref, cfg_dict = ray.put(splits), cfg.to_dict()
     futures = {(name, model): [task.remote(cfg_dict, synthetic, lr, model, run, splits_ref)
