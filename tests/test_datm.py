@@ -1,12 +1,19 @@
 """DATM's options on the one distiller: soft labels exact in both grad modes, the window, the init, the threshold."""
+import math
+import re
+import shutil
+
 import pytest
 import torch
 
-from ray_mtt.core.config import DistillConfig
+from ray_mtt.core.config import Config, DistillConfig, apply_overrides, default_config_path, load_yaml, shipped_configs
 from ray_mtt.core.datm import correctly_classified, initial_label_logits, label_entropy, start_window
-from ray_mtt.core.distill import (SyntheticSet, matching_grad_checkpointed, matching_grad_unrolled, run_iteration,
-                                  synthetic_optimizers)
+from ray_mtt.core.distill import (Reporter, SyntheticSet, distill, matching_grad_checkpointed, matching_grad_unrolled,
+                                  run_iteration, synthetic_optimizers)
+from ray_mtt.core.errors import UserError
+from ray_mtt.core.experts import train_experts
 from ray_mtt.core.models import FlatModel, create_model
+from tests.helpers import assert_one_line_error, run_in_process, tiny_config
 from tests.test_distill import tiny_problem
 
 GRADS = {"unrolled": matching_grad_unrolled, "checkpointed": matching_grad_checkpointed}
@@ -179,3 +186,110 @@ def test_threshold_skips_every_optimizer_step(tmp_path):
     d.loss_threshold = 0.0
     loss, stepped = run_iteration(student, syn, trajectory, 0, d, DSA(), 8, optimizers)
     assert stepped and not torch.equal(before[2], syn.label_logits.detach())
+
+
+class Recorder(Reporter):
+    def __init__(self):
+        self.steps, self.evaluations = [], []
+
+    def step(self, iteration, metrics):
+        self.steps.append(metrics)
+
+    def evaluation(self, iteration, metrics, synthetic):
+        self.evaluations.append((iteration, metrics, synthetic))
+
+
+def datm_config(tmp_path, **distill):
+    """The tiny digits setting with every DATM option on: soft labels, init correct, a growing window.
+    Its experts train at lr 0.05 for 10 epochs (a second): the labels are the experts' logits, so
+    experts that are still unsure (3 epochs at 0.01) give near-uniform labels that teach nothing."""
+    return tiny_config(tmp_path, experts={"epochs": 10, "lr": 0.05}, distill={"soft_labels": True, "init": "correct", "min_start_epoch": 0,
+                                          "first_max_start_epoch": 1, "max_start_epoch": 2,
+                                          "expansion_iterations": 2, "lr_y": 5.0, **distill})
+
+
+def test_every_skipped_iteration_moves_nothing_and_each_evaluation_counts_its_skips(tmp_path, digits):
+    cfg = datm_config(tmp_path, loss_threshold=1e-9, iterations=4, eval_every=2)  # every match is above it
+    train_experts(cfg, digits, progress=False)
+    recorder = Recorder()
+    distill(cfg, digits, reporter=recorder, progress=False)
+    assert [m["skipped"] for m in recorder.steps] == [1.0] * 4
+    assert [(it, m["threshold_skips"]) for it, m, _ in recorder.evaluations] == [(0, 0), (2, 2), (4, 2)]
+    first, last = recorder.evaluations[0][2], recorder.evaluations[-1][2]
+    assert torch.equal(first["images"], last["images"]) and torch.equal(first["label_logits"], last["label_logits"])
+    entropies = [m["label_entropy"] for _, m, _ in recorder.evaluations]
+    assert 0 < entropies[0] < math.log(10) and entropies[0] == entropies[-1]
+    # the window: iteration 0 and 1 draw from [0, 1), iterations 2 and 3 from [0, 2)
+    assert [m["start_epoch"] for m in recorder.steps[:2]] == [0, 0]
+
+
+def test_soft_label_set_scores_through_evaluate_from_another_folder(tmp_path, digits, monkeypatch):
+    cfg = datm_config(tmp_path, iterations=4, eval_every=2)
+    train_experts(cfg, digits, progress=False)
+    result = distill(cfg, digits, progress=False)
+    saved = torch.load(result["best"], weights_only=True)
+    assert saved["label_logits"].shape == (10, 10)
+    assert (saved["label_logits"].argmax(1) == saved["labels"]).all()  # init correct: the experts' logits agree
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    copy = elsewhere / "set.pt"
+    shutil.copy(result["best"], copy)
+    shutil.rmtree(cfg.run_dir)  # nothing of the run is left but the file
+    monkeypatch.chdir(elsewhere)
+    out = run_in_process("evaluate", "--synthetic", "set.pt", "--eval.num_runs", "2", "--eval.epochs", "10",
+                         "--baseline")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "its learned soft labels" in out.stdout
+    rows = {line.split("  ")[0]: line for line in out.stdout.splitlines()
+            if line.startswith(("distilled", "random real"))}
+    assert set(rows) == {"distilled", "distilled, hard labels", "random real"}
+    accs = [float(re.search(r"([\d.]+) \+- ", rows[name]).group(1)) for name in rows]
+    assert all(a > 20 for a in accs), rows  # ten classes: chance is 10 %
+
+
+def test_datm_configs_ship_datm_published_values():
+    names = shipped_configs("datm")
+    assert names == sorted(f"{d}_ipc{k}" for d in ("cifar10", "cifar100", "tiny_imagenet") for k in (1, 10, 50))
+    for name in names:
+        dataset, _, ipc = name.rpartition("_ipc")
+        cfg = apply_overrides(Config(), load_yaml(default_config_path(dataset, int(ipc), "datm")), name).validate()
+        d = cfg.distill
+        assert cfg.method == "datm" and d.soft_labels and cfg.eval.batch_size == 128 and d.iterations == 10000
+        assert d.max_start_epoch - 1 + d.expert_epochs <= cfg.experts.epochs == 100
+    c10 = apply_overrides(Config(), load_yaml(default_config_path("cifar10", 10, "datm")), "c10").distill
+    assert (c10.syn_steps, c10.expert_epochs, c10.min_start_epoch, c10.first_max_start_epoch, c10.max_start_epoch,
+            c10.expansion_iterations, c10.lr_img, c10.lr_lr, c10.lr_y, c10.batch_syn, c10.loss_threshold,
+            c10.init) == (80, 2, 0, 10, 20, 1000, 100, 1e-5, 2, 100, 1.0, "correct")
+
+
+def test_method_datm_picks_its_config_and_names_those_that_exist(tmp_path):
+    out = run_in_process("distill", "--method", "datm", "--dataset", "cifar10", "--ipc", "7",
+                         "--run_dir", str(tmp_path))
+    assert_one_line_error(out, "--method datm ships no config for cifar10 IPC 7", "cifar10_ipc10", "--config")
+    out = run_in_process("distill", "--method", "datm", "--dataset", "cifar10", "--ipc", "10",
+                         "--data-dir", str(tmp_path / "no_data"), "--run_dir", str(tmp_path))
+    assert "config: " + str(default_config_path("cifar10", 10, "datm")) in out.stdout
+    assert "soft_labels=True" in out.stdout and out.returncode == 2  # then stops at the missing data
+
+
+def test_datm_run_on_experts_too_short_names_the_epochs_needed(tmp_path):
+    # CIFAR-100 IPC 10 draws start epochs up to T+ - 1 = 49 with M = 2: 51 epochs, MTT's experts have 50
+    out = run_in_process("run", "--method", "datm", "--dataset", "cifar100", "--ipc", "10", "--experts.epochs", "50",
+                         "--run_dir", str(tmp_path))
+    assert_one_line_error(out, "= 51 expert epochs", "experts.epochs is 50")
+
+
+def test_sweep_space_keeps_the_window_valid():
+    from ray import tune
+
+    from ray_mtt.scale.tune import check_space, default_space
+    cfg = apply_overrides(Config(), load_yaml(default_config_path("cifar10", 10, "datm")), "c10")
+    space = default_space(cfg, 100)
+    assert "distill.lr_y" in space and min(space["distill.max_start_epoch"].categories) >= 10
+    check_space(space, cfg.distill, 100)
+    with pytest.raises(UserError, match="T- < T <= T"):  # T+ = 5 lies below T = 10
+        check_space({**space, "distill.max_start_epoch": tune.choice([5, 20])}, cfg.distill, 100)
+    with pytest.raises(UserError, match="T- < T <= T"):
+        check_space({**space, "distill.min_start_epoch": tune.choice([0, 30])}, cfg.distill, 100)
+    with pytest.raises(UserError, match="= 42 but the experts have 30"):  # 40 - 1 + 3 (M up to 3)
+        check_space({**space, "distill.max_start_epoch": tune.choice([20, 40])}, cfg.distill, 30)

@@ -3,8 +3,10 @@
     python -m ray_mtt.export runs/cifar10/ipc1 --format png --out cifar10_ipc1_png
     python -m ray_mtt.export runs/cifar10/ipc1/best.pt --format npz --out sets/cifar10.npz --data-dir DATA
 
-png: one folder per class and grid.png (rows = images of a class index, columns = classes).
-npz: x_train/y_train = the set in uint8 (the preprocessing undone), classes; with --data-dir the
+png: one folder per class and grid.png (rows = images of a class index, columns = classes), and
+soft_labels.csv (each image's learned label, one probability per class) when the set learned labels.
+npz: x_train/y_train = the set in uint8 (the preprocessing undone), classes, y_train_soft (the
+learned labels' probabilities) when the set has them; with --data-dir the
 real test split of the same dataset is copied in as x_test/y_test, so the file can be fed back as
 `--data-dir` (rename it <dataset>.npz).
 """
@@ -38,8 +40,9 @@ def main(argv: list[str] | None = None) -> None:
     saved = load_synthetic(path, "cpu")
     if args.format == "png":
         out = Path(args.out or path.with_suffix("")) 
-        files = write_png(saved, out)
-        print(f"wrote {len(files) - 1} images and {out / 'grid.png'}")
+        files = [f for f in write_png(saved, out) if f.parent != out]
+        print(f"wrote {len(files)} images and {out / 'grid.png'}"
+              + (f" and {out / 'soft_labels.csv'}" if "label_logits" in saved else ""))
         return
     test = None
     if args.data_dir:

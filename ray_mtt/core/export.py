@@ -61,17 +61,32 @@ def write_png(saved: dict, out: Path) -> list[Path]:
     grid = image_grid(pixels, len(images) // len(classes))
     (out / "grid.png").parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).save(out / "grid.png")
-    return [*written, out / "grid.png"]
+    soft = soft_labels(saved)
+    if soft is None:
+        return [*written, out / "grid.png"]
+    rows = [",".join(["file", *map(_safe, classes)])]  # each image's learned label, one probability per class
+    rows += [",".join([str(path.relative_to(out)), *(f"{p:.6g}" for p in probs)]) for path, probs in zip(written, soft)]
+    (out / "soft_labels.csv").write_text("\n".join(rows) + "\n")
+    return [*written, out / "grid.png", out / "soft_labels.csv"]
+
+
+def soft_labels(saved: dict) -> np.ndarray | None:
+    """softmax of a set's learned label logits (DATM), float32 (N, classes); None for hard labels."""
+    logits = saved.get("label_logits")
+    return None if logits is None else logits.detach().float().softmax(1).cpu().numpy()
 
 
 def write_npz(saved: dict, path: Path, test: tuple[np.ndarray, np.ndarray] | None = None) -> Path:
-    """The set as `x_train`/`y_train`; `x_test`/`y_test` are the real test split when given, else empty."""
+    """The set as `x_train`/`y_train` (+ `y_train_soft`, the learned labels' probabilities, when it has
+    them); `x_test`/`y_test` are the real test split when given, else empty."""
     images = to_uint8(to_pixels(saved))
     labels = saved["labels"].cpu().numpy().astype(np.int64)
     x_test, y_test = test if test is not None else (np.zeros((0, *images.shape[1:]), np.uint8), np.zeros(0, np.int64))
     classes = np.array(saved.get("classes") or [str(i) for i in range(int(labels.max()) + 1)])
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(path, x_train=images, y_train=labels, x_test=x_test, y_test=y_test, classes=classes)
+    soft = soft_labels(saved)  # learned labels travel as probabilities beside the classes
+    extra = {} if soft is None else {"y_train_soft": soft}
+    np.savez_compressed(path, x_train=images, y_train=labels, x_test=x_test, y_test=y_test, classes=classes, **extra)
     return path
 
 

@@ -21,7 +21,7 @@ import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
-from ..core.config import Config, apply_overrides, config_from_dict
+from ..core.config import Config, DistillConfig, apply_overrides, config_from_dict
 from ..core.data import Splits, check_data_place, read_splits, to_device
 from ..core.distill import Reporter, distill
 from ..core.errors import UserError
@@ -179,12 +179,16 @@ def extremes(domain) -> tuple:
 
 
 def full_space(cfg: Config, user_space: dict) -> dict:
-    """The default space with the user's dimensions on top, checked against the experts' length and
-    the start window (T- < T <= T+ for every draw), so no trial fails on a combination it drew."""
+    """The default space with the user's dimensions on top, checked against the experts' length."""
     available = expert_epochs_available(cfg)
     space = {**default_space(cfg, available), **user_space}
-    d = cfg.distill
+    check_space(space, cfg.distill, available)
+    return space
 
+
+def check_space(space: dict, d: DistillConfig, available: int) -> None:
+    """Every draw must fit the experts (T+ - 1 + M <= their epochs) and the start window (T- < T <= T+),
+    so no trial fails on a combination it drew."""
     def bounds(name):
         return extremes(space.get(f"distill.{name}", getattr(d, name)))
     needed = bounds("max_start_epoch")[1] - 1 + bounds("expert_epochs")[1]
@@ -194,7 +198,6 @@ def full_space(cfg: Config, user_space: dict) -> dict:
     if bounds("max_start_epoch")[0] < max(bounds("min_start_epoch")[1] + 1, bounds("first_max_start_epoch")[1]):
         raise UserError("the search space can draw max_start_epoch (T+) at or below min_start_epoch (T-) or below "
                         "first_max_start_epoch (T); narrow --space so that T- < T <= T+ for every draw")
-    return space
 
 
 def describe_space(space: dict) -> str:
