@@ -3,8 +3,10 @@
 # source tree (no install, no ray, no mlflow). It prints
 #   1. the paper's CIFAR-10 configs x variants: s/iter, speed-up, peak memory, GFLOP per iteration
 #      (counted) and TFLOP/s against this device's fp32 peak (measured);
-#   2. one iteration of IPC 1 and IPC 10 by phase, with the top operators;
-#   3. a real distillation (experts, distillation, evaluation) of about 3 minutes.
+#   2. DATM's CIFAR-10 IPC 10 and IPC 50 configs (N=80, soft labels): s/iter and peak memory of one
+#      iteration in both grad modes (issue 20);
+#   3. one iteration of IPC 1 and IPC 10 by phase, with the top operators;
+#   4. a real distillation (experts, distillation, evaluation) of about 3 minutes.
 # CI runs `--device cpu --quick` (tiny shapes: every path runs, nothing is measured) so it cannot rot.
 #
 #   benchmarks/gpu_check.sh [--device cuda|cpu] [--quick] [--data-dir DIR] [--out DIR]
@@ -35,6 +37,7 @@ fi
 
 if [ $quick = 1 ]; then  # every path, tiny shapes
   bench=(--configs cifar10_ipc1,cifar10_ipc10 --syn-steps 2 --width 8 --warmup 0 --repeats 1)
+  datm=(--configs datm/cifar10_ipc10,datm/cifar10_ipc50 --syn-steps 2 --width 8 --warmup 0 --repeats 1)
   profile=(--configs cifar10_ipc1 --syn-steps 2 --width 8)
   run=(--experts.num_experts 1 --experts.epochs 2 --distill.syn_steps 2 --distill.iterations 2
        --distill.expert_epochs 1 --distill.max_start_epoch 1
@@ -42,6 +45,7 @@ if [ $quick = 1 ]; then  # every path, tiny shapes
   limit=300
 else
   bench=(--configs cifar10_ipc1,cifar10_ipc10,cifar10_ipc50 --warmup 2 --repeats 5)
+  datm=(--configs datm/cifar10_ipc10,datm/cifar10_ipc50 --warmup 1 --repeats 3)
   profile=(--configs cifar10_ipc1,cifar10_ipc10)
   run=(--experts.num_experts 4 --experts.epochs 6 --distill.syn_steps 20 --distill.expert_epochs 2
        --distill.max_start_epoch 4 --distill.iterations 400 --distill.eval_every 200 --distill.eval_epochs 200
@@ -57,9 +61,12 @@ fi
 echo "== 1. configs x variants ($device)"
 "$python" -m ray_mtt.bench --device "$device" --variants unrolled,checkpointed,channels_last,tf32,bf16,cuda_graph \
   --flops --peak-memory "${bench[@]}" --json "$out/gpu_check_bench.json"
-echo "== 2. one iteration by phase ($device)"
+echo "== 2. DATM's configs, both grad modes ($device)"
+"$python" -m ray_mtt.bench --device "$device" --variants unrolled,checkpointed --peak-memory "${datm[@]}" \
+  --json "$out/gpu_check_datm.json"
+echo "== 3. one iteration by phase ($device)"
 "$python" -m ray_mtt.bench --device "$device" --profile "${profile[@]}" --json "$out/gpu_check_profile.json"
-echo "== 3. a real distillation ($device, stopped after ${limit} s)"
+echo "== 4. a real distillation ($device, stopped after ${limit} s)"
 status=0
 timeout "$limit" "$python" -m ray_mtt --engine local --device "$device" --tracking-uri none \
   --run_dir "$out/run" "${dataset[@]}" "${run[@]}" || status=$?

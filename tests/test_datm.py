@@ -8,8 +8,8 @@ import torch
 
 from ray_mtt.core.config import Config, DistillConfig, apply_overrides, default_config_path, load_yaml, shipped_configs
 from ray_mtt.core.datm import correctly_classified, initial_label_logits, label_entropy, start_window
-from ray_mtt.core.distill import (Reporter, SyntheticSet, distill, matching_grad_checkpointed, matching_grad_unrolled,
-                                  run_iteration, synthetic_optimizers)
+from ray_mtt.core.distill import Reporter, distill, run_iteration, synthetic_optimizers
+from ray_mtt.core.matching import SyntheticSet, matching_grad_checkpointed, matching_grad_unrolled
 from ray_mtt.core.errors import UserError
 from ray_mtt.core.experts import train_experts
 from ray_mtt.core.models import FlatModel, create_model
@@ -24,7 +24,7 @@ def soft_run(fn, student, start, target, images, labels, plan, logits, lr=0.05):
     syn = SyntheticSet(images.clone().requires_grad_(True), labels,
                        torch.tensor(lr, dtype=torch.float64).requires_grad_(True),
                        logits.clone().requires_grad_(True))
-    loss = fn(student, syn, start, target, plan)
+    loss, _ = fn(student, syn, start, target, plan)
     return float(loss), syn.images.grad, syn.lr.grad, syn.label_logits.grad
 
 
@@ -67,7 +67,7 @@ def test_soft_labels_equal_to_one_hot_limit_match_hard_labels():
     peaked = 60.0 * torch.nn.functional.one_hot(labels, 4).double()
     hard = SyntheticSet(problem[3].clone().requires_grad_(True), labels, torch.tensor(0.05, dtype=torch.float64,
                                                                                        requires_grad=True))
-    loss_hard = float(matching_grad_unrolled(problem[0], hard, problem[1], problem[2], problem[5]))
+    loss_hard = float(matching_grad_unrolled(problem[0], hard, problem[1], problem[2], problem[5]).loss)
     loss_soft, grad_images, _, _ = soft_run(matching_grad_unrolled, *problem, peaked)
     assert loss_soft == pytest.approx(loss_hard, rel=1e-9)
     assert torch.allclose(grad_images, hard.images.grad, rtol=1e-6, atol=1e-12)
@@ -179,13 +179,12 @@ def test_threshold_skips_every_optimizer_step(tmp_path):
     d = DistillConfig(syn_steps=3, soft_labels=True, loss_threshold=1e-9)
     optimizers = synthetic_optimizers(syn, d)
     assert len(optimizers) == 3 and optimizers[2].defaults["momentum"] == 0.9
-    loss, stepped = run_iteration(student, syn, trajectory, 0, d, DSA(), 8, optimizers)
-    assert float(loss) > 1e-9 and not stepped
+    result = run_iteration(student, syn, trajectory, 0, d, DSA(), 8, optimizers)
+    assert float(result.loss) > 1e-9 and not result.stepped and result.steps == 3
     assert all(torch.equal(b, t.detach()) for b, t in zip(before, (syn.images, syn.lr, syn.label_logits)))
     assert all(t.grad is None for t in (syn.images, syn.lr, syn.label_logits))
     d.loss_threshold = 0.0
-    loss, stepped = run_iteration(student, syn, trajectory, 0, d, DSA(), 8, optimizers)
-    assert stepped and not torch.equal(before[2], syn.label_logits.detach())
+    assert run_iteration(student, syn, trajectory, 0, d, DSA(), 8, optimizers).stepped and not torch.equal(before[2], syn.label_logits.detach())
 
 
 class Recorder(Reporter):

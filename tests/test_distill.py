@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from ray_mtt.core.augment import DSA
-from ray_mtt.core.distill import (Reporter, SyntheticSet, distill, init_synthetic, matching_grad_checkpointed,
-                                  matching_grad_unrolled, sample_plan)
+from ray_mtt.core.distill import Reporter, distill, init_synthetic
+from ray_mtt.core.matching import SyntheticSet, matching_grad_checkpointed, matching_grad_unrolled, sample_plan
 from ray_mtt.core.evaluate import score
 from ray_mtt.core.experts import train_experts
 from ray_mtt.core.models import FlatModel, create_model
@@ -25,7 +25,7 @@ def tiny_problem(steps=4, batch=4):
 def run(fn, student, start, target, images, labels, plan, lr=0.05):
     syn = SyntheticSet(images.clone().requires_grad_(True), labels,
                        torch.tensor(lr, dtype=torch.float64).requires_grad_(True))
-    loss = fn(student, syn, start, target, plan)
+    loss, _ = fn(student, syn, start, target, plan)
     return float(loss), syn.images.grad, syn.lr.grad
 
 

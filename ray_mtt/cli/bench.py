@@ -27,7 +27,8 @@ PAPER_CONFIGS = ("cifar10_ipc1,cifar10_ipc10,cifar10_ipc50,cifar100_ipc1,cifar10
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = new_parser("python -m ray_mtt.bench", __doc__)
     parser.add_argument("--configs", default=PAPER_CONFIGS,
-                        help="comma-separated <dataset>_ipc<k> names of shipped configs (default: the paper's table)")
+                        help="comma-separated [<method>/]<dataset>_ipc<k> names of shipped configs, e.g. "
+                             "datm/cifar10_ipc50 (default: the MTT paper's table)")
     parser.add_argument("--variants", default="unrolled,checkpointed,channels_last,tf32",
                         help=f"comma-separated, from {', '.join(VARIANTS)}; the first is the baseline of the ratios")
     parser.add_argument("--syn-steps", type=int, default=0, help="override N of every config (0 = the config's)")
@@ -40,6 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="count each iteration's FLOPs and report TFLOP/s against the measured fp32 peak")
     parser.add_argument("--peak-memory", action="store_true", help="add each variant's peak memory of one iteration")
     parser.add_argument("--memory-steps", default="", help="comma-separated N values: peak memory vs N per variant")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="with --memory-steps: skip the timing table (an unrolled iteration at the config's N "
+                             "may not fit where the memory points are measured)")
     parser.add_argument("--malloc", default="retain", choices=("retain", "default"),
                         help="CPU: keep freed memory for reuse (what the distiller does) or leave glibc as it is")
     parser.add_argument("--warmup", type=int, default=1)
@@ -138,9 +142,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device: {device_name(device)}, torch {torch.__version__}; {timing}; malloc {args.malloc}")
     raw = {"device": device_name(device), "torch": torch.__version__, "timing": {}, "memory": {}, "profile": {}, "flops": {},
            "peak_mib": {}}
+    if args.memory_only and not args.memory_steps:
+        raise UserError("--memory-only needs --memory-steps N1,N2,...")
     if args.profile:
         profile_tables(args, device, raw)
-    else:
+    elif not args.memory_only:
         timing_table(args, device, variants, raw)
     if args.memory_steps:
         memory_table(args, device, variants, raw)

@@ -101,6 +101,13 @@ class DistillConfig:
     lr_y: float = 2.0  # SGD step size of the soft labels' logits
     momentum_y: float = 0.9  # SGD momentum of the soft labels' logits
     loss_threshold: float = 0.0  # an iteration whose matching loss exceeds this takes no optimizer step; 0 = off
+    # PAD's depth mask: the first floor(mask_ratio * P) entries of the flat parameters (module order: the
+    # shallow layers) are left out of both norms of the matching loss
+    mask_ratio: float = 0.0
+    auto_length: bool = False  # ATT: match at the inner step closest (L1) to the target, not at step N
+    # FTD: beta of an EMA of the images after every image step (0 = off); validation and the report score
+    # the EMA set too, on fresh networks, and keep its best as best_ema.pt
+    ema: float = 0.0
     grad_mode: str = "unrolled"  # unrolled (keep the whole graph) | checkpointed (memory flat in N)
     eval_every: int = 100  # evaluate on the validation split every k iterations (0 = only at the end)
     eval_runs: int = 2  # networks trained per periodic validation
@@ -182,6 +189,8 @@ class Config:
              "distill.expansion_iterations >= 1 (or be 0 for a fixed window)"),
             (d.lr_y > 0 and 0 <= d.momentum_y < 1, "distill.lr_y must be > 0 and distill.momentum_y in [0, 1)"),
             (d.loss_threshold >= 0, f"distill.loss_threshold must be >= 0 (0 = off), got {d.loss_threshold}"),
+            (0 <= d.mask_ratio < 1, f"distill.mask_ratio must lie in [0, 1), got {d.mask_ratio}"),
+            (0 <= d.ema < 1, f"distill.ema must lie in [0, 1) (0 = off), got {d.ema}"),
             (d.grad_mode in ("unrolled", "checkpointed"),
              f"distill.grad_mode must be 'unrolled' or 'checkpointed', got {d.grad_mode!r}"),
             (d.eval_every >= 0 and d.eval_runs >= 1 and d.eval_epochs >= 0,

@@ -2,14 +2,12 @@
 
 Each iteration: pick an expert and a start epoch t < T+, start a student at theta*_t, take N SGD
 steps with the learnable step size alpha on DSA-augmented minibatches of the synthetic set, and
-minimise ||theta_N - theta*_{t+M}||^2 / ||theta*_t - theta*_{t+M}||^2 w.r.t. the pixels and alpha.
+minimise ||theta_N - theta*_{t+M}||^2 / ||theta*_t - theta*_{t+M}||^2 w.r.t. the pixels and alpha
+(matching.py: the gradient, unrolled or checkpointed).
 
-Two ways to get the same gradient:
-  unrolled      keep the graph of all N steps and call backward once (memory grows with N).
-  checkpointed  run the N steps without a graph keeping only each step's flat parameters, then
-                walk back step by step, recomputing one step's graph at a time and carrying the
-                adjoint a = dL/dtheta_i (exact reverse mode; activation memory is that of one
-                step, as in TESLA).
+The successors are options of this one loop: DATM's soft labels, init and start window (datm.py)
+and loss threshold; PAD's depth mask and ATT's automatic length (matching.py); FTD's EMA of the
+images, scored and kept beside the raw set (best_ema.pt).
 
 Progress is checkpointed (resumable); the synthetic set with the best validation accuracy is kept
 as best.pt. Run with `python -m ray_mtt.distill`.
@@ -24,17 +22,17 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from .allocator import retain_freed_memory_on
-from .augment import DSA, AugParams, apply
+from .augment import DSA
 from .config import Config, DistillConfig
 from .data import Dataset
 from .datm import correctly_classified, initial_label_logits, label_entropy, start_window
 from .errors import UserError
 from .evaluate import score
 from .experts import store_identity
+from .matching import MATCHING_GRAD, Matching, SyntheticSet, sample_plan
 from .models import FlatModel, model_for
 from .seeds import derive_seed, generator, seed_everything
 from .storage import LocalStorage
@@ -42,25 +40,6 @@ from .timing import NO_TIMER, NoTimer, PhaseTimer
 from .trajectories import TrajectoryStore, Trajectory, check_compatible
 
 CHECKPOINT_EVERY = 25  # iterations between resumable checkpoints (besides every evaluation)
-Step = tuple[torch.Tensor, AugParams | None]  # (synthetic indices, augmentation draw) of one student step
-
-
-@dataclass
-class SyntheticSet:
-    images: torch.Tensor  # float, in network-input space (normalised or ZCA), requires grad
-    labels: torch.Tensor  # the class of each image
-    lr: torch.Tensor  # learnable student step size alpha (scalar), requires grad
-    label_logits: torch.Tensor | None = None  # learned soft labels (DATM), requires grad; None = hard labels
-
-    def targets(self, idx: torch.Tensor) -> torch.Tensor:
-        """What the student's cross-entropy is taken against: softmax(logits) (soft labels) or the classes."""
-        return self.labels[idx] if self.label_logits is None else self.label_logits[idx].softmax(1)
-
-    def state(self) -> dict:
-        state = {"images": self.images.detach().cpu(), "labels": self.labels.cpu(), "lr": self.lr.detach().cpu()}
-        if self.label_logits is not None:
-            state["label_logits"] = self.label_logits.detach().cpu()
-        return state
 
 
 def init_synthetic(cfg: Config, data: Dataset, generator: torch.Generator, student: FlatModel | None = None,
@@ -79,100 +58,6 @@ def init_synthetic(cfg: Config, data: Dataset, generator: torch.Generator, stude
                         None if logits is None else logits.detach().requires_grad_(True))
 
 
-def sample_plan(num_syn: int, steps: int, batch_syn: int, dsa: DSA, size: int, device) -> list[Step]:
-    """Minibatches (chunks of random permutations) and augmentation draws for N steps. Chunks are
-    taken from the end of the list, as the authors do: the remainder chunk comes first."""
-    batch = batch_syn or num_syn
-    plan, chunks = [], []
-    for _ in range(steps):
-        if not chunks:
-            chunks = list(torch.randperm(num_syn, device=device).split(batch))
-        idx = chunks.pop()
-        plan.append((idx, dsa.sample(len(idx), size, device)))
-    return plan
-
-
-def _student_loss(student: FlatModel, params: torch.Tensor, syn: SyntheticSet, step: Step,
-                  timer: PhaseTimer | NoTimer = NO_TIMER) -> torch.Tensor:
-    idx, aug = step
-    with timer("DSA application"):
-        x = syn.images[idx]
-        if aug is not None:
-            x = apply(x, aug)
-    with timer("student forward"):
-        return F.cross_entropy(student(params, x), syn.targets(idx))
-
-
-def matching_grad_unrolled(student: FlatModel, syn: SyntheticSet, start: torch.Tensor, target: torch.Tensor,
-                           plan: list[Step], timer: PhaseTimer | NoTimer = NO_TIMER) -> torch.Tensor:
-    """Backprop through all N steps at once; accumulates .grad of images, lr (and label logits); returns the loss."""
-    params = start.clone().requires_grad_(True)
-    for step in plan:
-        loss = _student_loss(student, params, syn, step, timer)
-        with timer("inner gradients"):
-            grad, = torch.autograd.grad(loss, params, create_graph=True)
-            params = params - syn.lr * grad
-    with timer("outer backward"):
-        loss = (params - target).pow(2).sum() / (start - target).pow(2).sum()
-        loss.backward()
-    return loss.detach()
-
-
-def matching_grad_checkpointed(student: FlatModel, syn: SyntheticSet, start: torch.Tensor, target: torch.Tensor,
-                               plan: list[Step], timer: PhaseTimer | NoTimer = NO_TIMER) -> torch.Tensor:
-    """The same gradient with one step's graph alive at a time (memory flat in N)."""
-    frozen = detached(syn)
-    thetas, params = [], start
-    for step in plan:  # forward: keep only the flat parameters before each step
-        thetas.append(params)
-        p = params.detach().requires_grad_(True)
-        loss = _student_loss(student, p, frozen, step, timer)
-        with timer("inner gradients"):
-            grad, = torch.autograd.grad(loss, p)
-            params = params - frozen.lr * grad
-    with timer("outer backward (recomputes each step)"):
-        return _checkpointed_backward(student, syn, start, target, plan, thetas, params)
-
-
-def detached(syn: SyntheticSet, requires_grad: bool = False) -> SyntheticSet:
-    """A copy of the set cut from its graph: leaves of their own when `requires_grad` (lr never is)."""
-    cut = [t.detach().requires_grad_(requires_grad) for t in (syn.images, syn.label_logits) if t is not None]
-    return SyntheticSet(cut[0], syn.labels, syn.lr.detach(), cut[1] if len(cut) > 1 else None)
-
-
-def _checkpointed_backward(student: FlatModel, syn: SyntheticSet, start: torch.Tensor, target: torch.Tensor,
-                           plan: list[Step], thetas: list[torch.Tensor], params: torch.Tensor) -> torch.Tensor:
-    """Walk back from theta_N, one recomputed step at a time, carrying the adjoint a = dL/dtheta_i and
-    summing each step's exact contribution to dL/d(pixels, labels) and dL/dalpha."""
-    lr = syn.lr.detach()
-    denom = (start - target).pow(2).sum()
-    loss = (params - target).pow(2).sum() / denom
-    adjoint = 2 * (params - target) / denom  # dL/dtheta_N
-    set_grads = [torch.zeros_like(t) for t in set_leaves(syn)]
-    lr_grad = torch.zeros_like(lr)
-    for theta, step in zip(reversed(thetas), reversed(plan)):
-        # theta_{i+1} = theta_i - lr * g(theta_i, X_i, Y_i): pull the adjoint back through one step.
-        p = theta.detach().requires_grad_(True)
-        leaves = detached(syn, requires_grad=True)
-        grad, = torch.autograd.grad(_student_loss(student, p, leaves, step), p, create_graph=True)
-        lr_grad -= (grad.detach() * adjoint).sum()
-        hvp, *set_vjps = torch.autograd.grad((grad * adjoint).sum(), [p, *set_leaves(leaves)])
-        for total, vjp in zip(set_grads, set_vjps):
-            total -= lr * vjp
-        adjoint = adjoint - lr * hvp
-    for tensor, grad in zip([*set_leaves(syn), syn.lr], [*set_grads, lr_grad]):
-        tensor.grad = grad if tensor.grad is None else tensor.grad + grad
-    return loss.detach()
-
-
-def set_leaves(syn: SyntheticSet) -> list[torch.Tensor]:
-    """The set's own learned tensors, pixels then label logits (alpha aside: its gradient is a sum, not a VJP)."""
-    return [t for t in (syn.images, syn.label_logits) if t is not None]
-
-
-MATCHING_GRAD = {"unrolled": matching_grad_unrolled, "checkpointed": matching_grad_checkpointed}
-
-
 OPTIMIZER_KEYS = ("opt_img", "opt_lr", "opt_y")  # how a checkpoint names each optimizer's state
 
 
@@ -186,20 +71,32 @@ def synthetic_optimizers(syn: SyntheticSet, d: DistillConfig) -> list[torch.opti
     return optimizers
 
 
+@dataclass
+class Iteration:
+    loss: torch.Tensor  # the matching loss (no host sync unless a loss threshold is set)
+    steps: int  # the inner steps the match covered (N, or ATT's choice)
+    stepped: bool  # whether the optimizers stepped (False: the loss was above the threshold)
+
+
+def matching_for(d: DistillConfig, student: FlatModel) -> Matching:
+    """PAD's mask leaves out the first floor(mask_ratio * P) flat parameters; ATT picks the length."""
+    return Matching(masked=int(d.mask_ratio * student.num_params), auto_length=d.auto_length)
+
+
 def run_iteration(student: FlatModel, syn: SyntheticSet, trajectory: Trajectory, start_epoch: int,
                   d: DistillConfig, dsa: DSA, size: int, optimizers: list[torch.optim.Optimizer],
-                  grad_mode: str | None = None, timer: PhaseTimer | NoTimer = NO_TIMER) -> tuple[torch.Tensor, bool]:
+                  grad_mode: str | None = None, timer: PhaseTimer | NoTimer = NO_TIMER) -> Iteration:
     """One distillation iteration from a drawn (trajectory, start epoch): read theta*_t and theta*_{t+M},
     draw the N steps' minibatches and DSA, take the matching gradient, step the optimizers. The
-    distiller, the profiler and the benchmark all run this; returns the matching loss (no host sync
-    unless a loss threshold is set) and whether the optimizers stepped."""
+    distiller, the profiler and the benchmark all run this."""
     device = syn.images.device
     with timer("expert rows read"):
         start = trajectory.snapshot(start_epoch).to(device)
         target = trajectory.snapshot(start_epoch + d.expert_epochs).to(device)
     with timer("DSA parameter sampling"):
         plan = sample_plan(len(syn.images), d.syn_steps, d.batch_syn, dsa, size, device)
-    loss = MATCHING_GRAD[grad_mode or d.grad_mode](student, syn, start, target, plan, timer)
+    loss, steps = MATCHING_GRAD[grad_mode or d.grad_mode](student, syn, start, target, plan, timer,
+                                                          matching_for(d, student))
     # DATM: a match too far off (loss above the threshold) moves nothing, momentum included.
     stepped = not d.loss_threshold or float(loss) <= d.loss_threshold
     with timer("optimizer steps"):
@@ -207,12 +104,12 @@ def run_iteration(student: FlatModel, syn: SyntheticSet, trajectory: Trajectory,
             if stepped:
                 opt.step()
             opt.zero_grad(set_to_none=True)
-    return loss, stepped
+    return Iteration(loss, steps, stepped)
 
 
 # What a run keeps besides the set and its optimizers (resumable): threshold skips count since iteration 0.
 FRESH_STATE = {"iteration": 0, "best_val": -1.0, "best_iteration": -1, "seconds": 0.0, "threshold_skips": 0,
-               "skips_at_last_eval": 0}
+               "skips_at_last_eval": 0, "best_val_ema": -1.0, "best_iteration_ema": -1}
 
 
 class ExpertPool:
@@ -270,8 +167,12 @@ def synthetic_file(synthetic: dict, data: Dataset, cfg: Config) -> dict:
             "config": cfg.to_dict()}
 
 
+SET_FILES = {"raw": "best.pt", "ema": "best_ema.pt"}  # the best set of each kind, as its file says
+
+
 class Distiller:
-    """One distillation run: the synthetic set, its two optimizers, and the resumable state."""
+    """One distillation run: the synthetic set, its optimizers, the EMA of its images (FTD) when asked
+    for, and the resumable state."""
 
     def __init__(self, cfg: Config, data: Dataset, experts: ExpertPool, reporter: Reporter):
         self.cfg, self.data, self.experts, self.reporter = cfg, data, experts, reporter
@@ -284,28 +185,41 @@ class Distiller:
         self.syn = init_synthetic(cfg, data, generator(cfg.seed, "distill_init"), self.student,
                                   lambda: experts.final_snapshots(self.device))
         self.optimizers = synthetic_optimizers(self.syn, cfg.distill)
+        # FTD: the EMA starts as the initial images and follows every image step (no warm-up, no bias correction).
+        self.ema = self.syn.images.detach().clone() if cfg.distill.ema else None
         self.state = dict(FRESH_STATE)
         self.checkpoint = self.out / "checkpoint.pt"
         if self.checkpoint.is_file():
-            self.state = _resume(self.checkpoint, self.syn, self.optimizers, self.device)
+            self.state = _resume(self.checkpoint, self.syn, self.optimizers, self.ema, self.device)
+
+    def candidates(self) -> dict[str, torch.Tensor]:
+        """The image sets each validation scores: the raw set, and its EMA when kept."""
+        return {"raw": self.syn.images.detach(), **({} if self.ema is None else {"ema": self.ema})}
 
     def score_on_val(self, it: int) -> str:
-        """Score the current set on the validation split; keep it as best.pt when it is the best so far."""
+        """Score the current set (and its EMA), each on fresh networks, on the validation split; keep
+        each as its best file when it is the best of its kind so far."""
         d, syn = self.cfg.distill, self.syn
-        val = score(syn.images, syn.targets(slice(None)), float(syn.lr.detach()), self.cfg, self.data,
-                    models=[self.cfg.model.name], num_runs=d.eval_runs, split="val", epochs=d.eval_epochs or None,
-                    iteration=it)[self.cfg.model.name]
-        if val.mean > self.state["best_val"]:
-            self.state.update(best_val=val.mean, best_iteration=it)
-            _save(self.out / "best.pt", {**synthetic_file(syn.state(), self.data, self.cfg), "iteration": it,
-                                         "val_acc": val.mean})
-        metrics = {"val_acc": val.mean, "val_std": val.std, "best_val_acc": self.state["best_val"],
-                   "threshold_skips": self.state["threshold_skips"] - self.state["skips_at_last_eval"]}
+        metrics, said = {}, []
+        for kind, images in self.candidates().items():
+            val = score(images, syn.targets(slice(None)), float(syn.lr.detach()), self.cfg, self.data,
+                        models=[self.cfg.model.name], num_runs=d.eval_runs, split="val",
+                        epochs=d.eval_epochs or None, iteration=it)[self.cfg.model.name]
+            suffix = "" if kind == "raw" else "_ema"
+            if val.mean > self.state["best_val" + suffix]:
+                self.state.update({"best_val" + suffix: val.mean, "best_iteration" + suffix: it})
+                _save(self.out / SET_FILES[kind], {**synthetic_file({**syn.state(), "images": images.cpu()},
+                                                                    self.data, self.cfg),
+                                                   "images_kind": kind, "iteration": it, "val_acc": val.mean})
+            metrics.update({"val_acc" + suffix: val.mean, "val_std" + suffix: val.std,
+                            "best_val_acc" + suffix: self.state["best_val" + suffix]})
+            said.append(f"{'EMA ' if suffix else ''}val acc {val}")
+        metrics["threshold_skips"] = self.state["threshold_skips"] - self.state["skips_at_last_eval"]
+        self.state["skips_at_last_eval"] = self.state["threshold_skips"]
         if syn.label_logits is not None:
             metrics["label_entropy"] = label_entropy(syn.label_logits.detach())
-        self.state["skips_at_last_eval"] = self.state["threshold_skips"]
         self.reporter.evaluation(it, metrics, syn.state())
-        return f"iteration {it}: val acc {val}, lr {float(syn.lr.detach()):.4g}"
+        return f"iteration {it}: {', '.join(said)}, lr {float(syn.lr.detach()):.4g}"
 
     def step(self, it: int) -> float:
         """One outer iteration (Algorithm 1); returns the matching loss."""
@@ -316,10 +230,12 @@ class Distiller:
         rng = random.Random(derive_seed(self.cfg.seed, "distill_iteration", it))
         start_epoch = rng.randrange(*start_window(d, it))
         trajectory = self.experts.get(rng.choice(self.experts.indices))
-        loss, stepped = run_iteration(self.student, syn, trajectory, start_epoch, d, self.dsa, self.data.spec.size,
-                                      self.optimizers)
-        loss = float(loss)  # syncs, so the time below is the real step time
-        self.state["threshold_skips"] += not stepped
+        result = run_iteration(self.student, syn, trajectory, start_epoch, d, self.dsa, self.data.spec.size,
+                               self.optimizers)
+        loss = float(result.loss)  # syncs, so the time below is the real step time
+        if result.stepped and self.ema is not None:
+            self.ema.lerp_(syn.images.detach(), 1 - d.ema)  # beta * ema + (1 - beta) * images
+        self.state["threshold_skips"] += not result.stepped
         seconds = time.perf_counter() - t0
         self.state["seconds"] += seconds
         lr = float(syn.lr.detach())
@@ -327,12 +243,13 @@ class Distiller:
             raise UserError(f"distillation diverged at iteration {it} (loss {loss}, lr {lr:.3g}); "
                             f"lower --distill.lr_img or --distill.lr_lr")
         self.reporter.step(it, {"loss": loss, "syn_lr": lr, "s_per_iter": seconds, "start_epoch": start_epoch,
-                                "skipped": float(not stepped)})
+                                "skipped": float(not result.stepped), "matched_steps": result.steps})
         return loss
 
     def save_checkpoint(self) -> None:
         optimizers = {key: opt.state_dict() for key, opt in zip(OPTIMIZER_KEYS, self.optimizers)}
-        _save(self.checkpoint, {**self.syn.state(), **self.state, **optimizers})
+        ema = {} if self.ema is None else {"ema_images": self.ema.cpu()}
+        _save(self.checkpoint, {**self.syn.state(), **self.state, **optimizers, **ema})
 
     def run(self, progress: bool) -> dict:
         d = self.cfg.distill
@@ -350,8 +267,10 @@ class Distiller:
             if (it + 1) % CHECKPOINT_EVERY == 0 or (d.eval_every and (it + 1) % d.eval_every == 0):
                 self.save_checkpoint()
         self.save_checkpoint()
+        ema = {} if self.ema is None else {"best_ema": self.out / SET_FILES["ema"], "val_acc_ema": self.state["best_val_ema"],
+                                           "best_iteration_ema": self.state["best_iteration_ema"]}
         return {"best": self.out / "best.pt", "val_acc": self.state["best_val"],
-                "best_iteration": self.state["best_iteration"],
+                "best_iteration": self.state["best_iteration"], **ema,
                 "s_per_iter": self.state["seconds"] / max(d.iterations, 1), "final_lr": float(self.syn.lr.detach())}
 
 
@@ -367,21 +286,27 @@ def _save(path: Path, obj: dict) -> None:
     LocalStorage(path.parent).write(path.name, buffer.getvalue())
 
 
-def _resume(path: Path, syn: SyntheticSet, optimizers: list[torch.optim.Optimizer], device) -> dict:
+def _resume(path: Path, syn: SyntheticSet, optimizers: list[torch.optim.Optimizer], ema: torch.Tensor | None,
+            device) -> dict:
     try:
         saved = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
         raise UserError(f"cannot read checkpoint {path} ({e}); delete it to restart distillation") from None
-    if saved["images"].shape != syn.images.shape or ("label_logits" in saved) != (syn.label_logits is not None):
-        raise UserError(f"checkpoint {path} holds {tuple(saved['images'].shape)} images "
-                        f"{'with' if 'label_logits' in saved else 'without'} soft labels but this config needs "
-                        f"{tuple(syn.images.shape)} {'with' if syn.label_logits is not None else 'without'}; "
-                        f"use another --distill.out_dir or delete the checkpoint")
+    def holds(soft: bool, ema_kept: bool) -> str:
+        return f"{'with' if soft else 'without'} soft labels, {'with' if ema_kept else 'without'} an EMA"
+    found, wanted = holds("label_logits" in saved, "ema_images" in saved), holds(syn.label_logits is not None,
+                                                                                  ema is not None)
+    if saved["images"].shape != syn.images.shape or found != wanted:
+        raise UserError(f"checkpoint {path} holds {tuple(saved['images'].shape)} images {found} but this config "
+                        f"needs {tuple(syn.images.shape)} {wanted}; use another --distill.out_dir or delete the "
+                        f"checkpoint")
     with torch.no_grad():
         syn.images.copy_(saved["images"])
         syn.lr.copy_(saved["lr"])
         if syn.label_logits is not None:
             syn.label_logits.copy_(saved["label_logits"])
+        if ema is not None:
+            ema.copy_(saved["ema_images"])
     syn.labels.copy_(saved["labels"])
     for opt, key in zip(optimizers, OPTIMIZER_KEYS):
         opt.load_state_dict(saved[key])

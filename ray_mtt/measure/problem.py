@@ -34,7 +34,8 @@ import torch
 from ..core.augment import DSA
 from ..core.config import METHODS, Config, apply_overrides, default_config_path, load_yaml
 from ..core.datasets import get_spec
-from ..core.distill import MATCHING_GRAD, SyntheticSet, run_iteration, sample_plan, synthetic_optimizers
+from ..core.distill import run_iteration, synthetic_optimizers
+from ..core.matching import MATCHING_GRAD, SyntheticSet, sample_plan
 from ..core.errors import UserError
 from ..core.models import FlatModel, model_for
 from ..core.timing import NO_TIMER, NoTimer, PhaseTimer
