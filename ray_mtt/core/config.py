@@ -71,6 +71,10 @@ class ExpertConfig:
     batch_size: int = 256  # real images per expert SGD step
     momentum: float = 0.0  # expert SGD momentum (the paper: 0; not part of a trajectory)
     weight_decay: float = 0.0  # expert SGD weight decay (the paper: 0)
+    # sgd (MTT) | gsam: FTD's flat experts, two forward/backward passes per step on the same batch
+    optimizer: str = "sgd"
+    gsam_rho: float = 0.01  # GSAM's perturbation radius rho (ASAM-style adaptive perturbation; FTD: 0.01)
+    gsam_alpha: float = 0.3  # GSAM's weight of the orthogonal gradient component (FTD: 0.3 for CIFAR-10)
     # trajectory store, a path or URI (s3://...); "" = <run_dir>/<dataset>/experts_<model>[_zca], or the same
     # name under $RAY_MTT_STORAGE when set
     dir: str = ""
@@ -197,6 +201,8 @@ class Config:
              "distill.eval_every and distill.eval_epochs must be >= 0, distill.eval_runs >= 1"),
             (e.num_experts >= 1 and e.epochs >= 1, "experts.num_experts and experts.epochs must be >= 1"),
             (e.lr > 0 and e.batch_size >= 1, "experts.lr must be > 0 and experts.batch_size >= 1"),
+            (e.optimizer in ("sgd", "gsam"), f"experts.optimizer must be 'sgd' or 'gsam', got {e.optimizer!r}"),
+            (e.gsam_rho > 0 and e.gsam_alpha >= 0, "experts.gsam_rho must be > 0 and experts.gsam_alpha >= 0"),
             (v.num_runs >= 1 and v.epochs >= 1 and v.batch_size >= 1, "eval.num_runs, eval.epochs, eval.batch_size must be >= 1"),
             (len(v.models) >= 1, "eval.models must name at least one model"),
             (self.data.val_per_class >= 0 and self.data.train_per_class >= 0,

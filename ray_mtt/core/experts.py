@@ -15,9 +15,10 @@ from tqdm import tqdm
 
 from .augment import DSA
 from .allocator import retain_freed_memory_on
-from .config import Config
+from .config import Config, ExpertConfig
 from .data import Dataset, load_dataset
 from .datasets import DatasetSpec
+from .gsam import GSAM
 from .models import FlatModel, model_for
 from .seeds import derive_seed, seed_everything
 from .train import ShuffledBatches, accuracy, train_epoch
@@ -34,7 +35,19 @@ def store_identity(cfg: Config, spec: DatasetSpec, model: torch.nn.Module) -> di
             "val_per_class": cfg.data.val_per_class, "train_per_class": cfg.data.train_per_class,
             "num_params": FlatModel(model).num_params,
             "channels": spec.channels, "size": spec.size, "num_classes": spec.num_classes,
-            "lr": cfg.experts.lr, "batch_size": cfg.experts.batch_size, "augment": cfg.augment.strategy}
+            "lr": cfg.experts.lr, "batch_size": cfg.experts.batch_size, "augment": cfg.augment.strategy,
+            "optimizer": optimizer_identity(cfg.experts)}
+
+
+def optimizer_identity(ex: ExpertConfig) -> str:
+    """How the experts stepped, as the store records it: stores of different optimizers never mix."""
+    return "sgd" if ex.optimizer == "sgd" else f"gsam(rho={ex.gsam_rho:g}, alpha={ex.gsam_alpha:g})"
+
+
+def expert_optimizer(model: torch.nn.Module, ex: ExpertConfig):
+    """SGD (lr, momentum, weight decay), wrapped in GSAM for flat experts."""
+    sgd = torch.optim.SGD(model.parameters(), lr=ex.lr, momentum=ex.momentum, weight_decay=ex.weight_decay)
+    return sgd if ex.optimizer == "sgd" else GSAM(sgd, ex.gsam_rho, ex.gsam_alpha)
 
 
 def load_expert_data(cfg: Config, device: torch.device | str) -> Dataset:
@@ -97,7 +110,8 @@ def train_expert(cfg: Config, data: Dataset, store: TrajectoryStore, index: int,
         saved = 1
     ex = cfg.experts
     # Momentum state is not part of a trajectory (the paper uses none); a resumed expert restarts it at zero.
-    optimizer = torch.optim.SGD(model.parameters(), lr=ex.lr, momentum=ex.momentum, weight_decay=ex.weight_decay)
+    # GSAM keeps no state of its own (rho and alpha are constant), so it resumes exactly.
+    optimizer = expert_optimizer(model, ex)
     augment = DSA(cfg.augment.strategy, cfg.augment.siamese)
     batches = batches or epoch_batches(cfg, data)
     for epoch in range(saved, ex.epochs + 1):

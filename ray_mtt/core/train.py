@@ -42,10 +42,14 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
     model.train()
     sums, count = [], 0  # per-batch loss sums stay on the device
     for step, (images, labels) in enumerate(tqdm(batches, desc=progress, disable=not progress, leave=False)):
-        loss = F.cross_entropy(model(augment(to_input(images))), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        x = augment(to_input(images))  # one draw: GSAM's second pass must see the same batch
+
+        def closure():
+            optimizer.zero_grad(set_to_none=True)
+            batch_loss = F.cross_entropy(model(x), labels)
+            batch_loss.backward()
+            return batch_loss
+        loss = optimizer.step(closure)  # SGD calls it once, GSAM twice
         sums.append(loss.detach() * len(labels))
         count += len(labels)
         if on_batch is not None:

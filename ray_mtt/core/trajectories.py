@@ -28,7 +28,9 @@ from .storage import Storage, open_storage
 
 FORMAT_VERSION = 1
 # Fields that must match between a store and the run that reads or extends it.
-IDENTITY_KEYS = ("dataset", "model", "width", "depth", "zca", "val_per_class", "train_per_class", "num_params")
+IDENTITY_KEYS = ("dataset", "model", "width", "depth", "zca", "val_per_class", "train_per_class", "num_params",
+                 "optimizer")
+IDENTITY_DEFAULTS = {"optimizer": "sgd"}  # what a store written before a key was recorded holds
 
 
 def write_json(storage: Storage, name: str, obj: dict) -> None:
@@ -163,6 +165,7 @@ class TrajectoryStore:
 
 
 def check_compatible(found: dict, wanted: dict, where: str) -> None:
+    found = {**IDENTITY_DEFAULTS, **found}
     diffs = [f"{k}={found.get(k)!r} (wanted {wanted.get(k)!r})" for k in IDENTITY_KEYS
              if k in wanted and found.get(k) != wanted.get(k)]
     if diffs:
