@@ -1,6 +1,6 @@
 """Every command's `main`: argparse, printing, engine choice, one-line errors.
 
-`python -m ray_mtt[.experts|.distill|.evaluate|.tune|.bench|.beton|.export|.cluster]` and the `ray-mtt`
+`python -m ray_mtt[.experts|.distill|.evaluate|.tune|.bench|.beton|.export|.cluster|.difficulty]` and the `ray-mtt`
 console script (`ray-mtt [run|experts|distill|...] FLAGS`) all land here.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 
 COMMANDS = {
     "run": "main", "experts": "experts", "distill": "distill", "evaluate": "evaluate", "tune": "tune",
-    "bench": "bench", "beton": "beton", "export": "export", "cluster": "cluster",
+    "bench": "bench", "beton": "beton", "export": "export", "cluster": "cluster", "difficulty": "difficulty",
 }
 
 

@@ -15,7 +15,8 @@ from ..core.config import (METHODS, SECTIONS, Config, apply_overrides, default_c
 from ..core.data import Dataset, load_dataset
 from ..core.distill import Reporter
 from ..core.errors import Interrupted, UserError
-from ..core.experts import load_expert_data, train_experts
+from ..core.difficulty import score_locally
+from ..core.experts import epoch_batches, load_expert_data, train_experts
 from ..core.train import resolve_device
 from ..core.trajectories import TrajectoryStore
 from ..scale.options import JobResources
@@ -70,7 +71,7 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
             if name in SECTIONS:
                 continue
             default = getattr(obj, name)
-            shown = ",".join(default) if isinstance(default, list) else default
+            shown = ",".join(map(str, default)) if isinstance(default, list) else default
             flag = f"{section}.{name}" if section else name
             group.add_argument(f"--{flag}", dest=flag, default=argparse.SUPPRESS,
                                metavar=getattr(kind, "__name__", "LIST").upper(),
@@ -214,13 +215,28 @@ def add_job_args(parser: argparse.ArgumentParser) -> None:
 
 def make_experts(cfg: Config, args: argparse.Namespace, data: Dataset | None = None,
                  progress: bool = True) -> TrajectoryStore:
-    """Train the experts the store lacks with the engine that `add_job_args` flags chose."""
+    """Train the experts the store lacks with the engine that `add_job_args` flags chose (first the
+    EL2N scores their data schedule needs, when they have one)."""
+    if cfg.experts.data_schedule == "pad":
+        data = score_difficulty(cfg, args, data)
     if args.engine == "ray":
-        if importlib.util.find_spec("ray") is None:
-            raise UserError("--engine ray needs ray (pip install 'ray[train]'); or pass --engine local")
         from ..scale.experts_job import run_job
         return run_job(cfg.absolute_paths(), args.address, options_from_args(JobResources, args))
     return train_experts(cfg, data or load_expert_data(cfg, resolve_device(cfg.device)), progress=progress)
+
+
+def score_difficulty(cfg: Config, args: argparse.Namespace, data: Dataset | None = None) -> Dataset | None:
+    """PAD's EL2N scores for the store (kept when there): Ray tasks or this process; returns the data
+    it loaded (None on Ray, where the workers get it from the object store)."""
+    if args.engine == "ray":
+        if importlib.util.find_spec("ray") is None:
+            raise UserError("--engine ray needs ray (pip install 'ray[train]'); or pass --engine local")
+        from ..scale.difficulty_job import run_scoring
+        run_scoring(cfg.absolute_paths(), args.address, options_from_args(JobResources, args))
+        return data
+    data = data or load_data(cfg)
+    score_locally(cfg, data, epoch_batches(cfg, data))
+    return data
 
 
 def load_data(cfg: Config) -> Dataset:

@@ -138,7 +138,9 @@ class BetonBatches:
                                            ToTorchImage(channels_last=False)],
                                  "label": [IntDecoder(), ToTensor(), Squeeze(1), ToDevice(device, non_blocking)]})
 
-    def epoch(self, seed: int):
+    def epoch(self, seed: int, indices=None):
+        if indices is not None:  # config validation refuses a data schedule with this loader
+            raise ValueError("the .beton loader streams every image; a data schedule needs data.loader tensor")
         # FFCV draws the order from its traversal's seed + next_epoch, an additive pattern; one loader
         # serves every expert (building one compiles its pipeline), so the whole seed is set per call.
         self.loader.traversal_order.seed, self.loader.next_epoch = seed, 0

@@ -75,6 +75,16 @@ class ExpertConfig:
     optimizer: str = "sgd"
     gsam_rho: float = 0.01  # GSAM's perturbation radius rho (ASAM-style adaptive perturbation; FTD: 0.01)
     gsam_alpha: float = 0.3  # GSAM's weight of the orthogonal gradient component (FTD: 0.3 for CIFAR-10)
+    # none | pad: PAD's schedule over EL2N difficulty (difficulty.py): up to epoch AEE an expert sees the
+    # easiest share p = min(1, IR + (1 - IR) * e / AEE) of each class, then all of it, then all but the
+    # easiest removal_ratios[i] of each class after removal_epochs[i]
+    data_schedule: str = "none"
+    schedule_ir: float = 0.75  # IR: the easiest share of each class an expert starts on
+    schedule_aee: int = 20  # AEE: the epoch from which an expert sees every image
+    removal_epochs: list[int] = field(default_factory=lambda: [40, 60])  # after these epochs the easiest ...
+    removal_ratios: list[float] = field(default_factory=lambda: [0.1, 0.2])  # ... share of each class is dropped
+    difficulty_networks: int = 4  # EL2N: networks trained briefly, their scores averaged
+    difficulty_epochs: int = 10  # EL2N: epochs each scoring network trains (as an expert does)
     # trajectory store, a path or URI (s3://...); "" = <run_dir>/<dataset>/experts_<model>[_zca], or the same
     # name under $RAY_MTT_STORAGE when set
     dir: str = ""
@@ -203,6 +213,15 @@ class Config:
             (e.lr > 0 and e.batch_size >= 1, "experts.lr must be > 0 and experts.batch_size >= 1"),
             (e.optimizer in ("sgd", "gsam"), f"experts.optimizer must be 'sgd' or 'gsam', got {e.optimizer!r}"),
             (e.gsam_rho > 0 and e.gsam_alpha >= 0, "experts.gsam_rho must be > 0 and experts.gsam_alpha >= 0"),
+            (e.data_schedule in ("none", "pad"), f"experts.data_schedule must be 'none' or 'pad', got {e.data_schedule!r}"),
+            (0 < e.schedule_ir <= 1 and e.schedule_aee >= 1, "experts.schedule_ir must lie in (0, 1], schedule_aee >= 1"),
+            (len(e.removal_epochs) == len(e.removal_ratios) and all(0 <= r < 1 for r in e.removal_ratios)
+             and e.removal_epochs == sorted(e.removal_epochs),
+             "experts.removal_epochs (ascending) and experts.removal_ratios (each in [0, 1)) need one ratio per epoch"),
+            (e.difficulty_networks >= 1 and e.difficulty_epochs >= 1,
+             "experts.difficulty_networks and experts.difficulty_epochs must be >= 1"),
+            (e.data_schedule == "none" or self.data.loader == "tensor",
+             "experts.data_schedule pad needs data.loader tensor (the .beton loader streams every image)"),
             (v.num_runs >= 1 and v.epochs >= 1 and v.batch_size >= 1, "eval.num_runs, eval.epochs, eval.batch_size must be >= 1"),
             (len(v.models) >= 1, "eval.models must name at least one model"),
             (self.data.val_per_class >= 0 and self.data.train_per_class >= 0,
@@ -260,7 +279,8 @@ def parse_value(text: str, kind, key: str):
             raise ValueError
         if typing.get_origin(kind) is list:
             items = text if isinstance(text, list) else [s for s in str(text).split(",") if s]
-            return [str(s) for s in items]
+            item_kind = typing.get_args(kind)[0]
+            return [item_kind(s) for s in items]
         if kind is float and isinstance(text, str):
             return float(text)
         return kind(text)

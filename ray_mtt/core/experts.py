@@ -18,6 +18,7 @@ from .allocator import retain_freed_memory_on
 from .config import Config, ExpertConfig
 from .data import Dataset, load_dataset
 from .datasets import DatasetSpec
+from .difficulty import DataSchedule
 from .gsam import GSAM
 from .models import FlatModel, model_for
 from .seeds import derive_seed, seed_everything
@@ -36,7 +37,16 @@ def store_identity(cfg: Config, spec: DatasetSpec, model: torch.nn.Module) -> di
             "num_params": FlatModel(model).num_params,
             "channels": spec.channels, "size": spec.size, "num_classes": spec.num_classes,
             "lr": cfg.experts.lr, "batch_size": cfg.experts.batch_size, "augment": cfg.augment.strategy,
-            "optimizer": optimizer_identity(cfg.experts)}
+            "optimizer": optimizer_identity(cfg.experts), "data_schedule": schedule_identity(cfg.experts)}
+
+
+def schedule_identity(ex: ExpertConfig) -> str:
+    """Which images each epoch trained on, as the store records it."""
+    if ex.data_schedule == "none":
+        return "none"
+    removals = ",".join(f"{e}:{r:g}" for e, r in zip(ex.removal_epochs, ex.removal_ratios))
+    return (f"pad(ir={ex.schedule_ir:g}, aee={ex.schedule_aee}, remove={removals}, el2n={ex.difficulty_networks}x"
+            f"{ex.difficulty_epochs} epochs)")
 
 
 def optimizer_identity(ex: ExpertConfig) -> str:
@@ -55,7 +65,8 @@ def load_expert_data(cfg: Config, device: torch.device | str) -> Dataset:
     return load_dataset(cfg.data, device, keep_train=cfg.data.loader == "tensor")
 
 
-EpochBatches = Callable[[int], Iterable]  # order seed -> one epoch of (uint8 images, labels) minibatches in that order
+# (order seed, the training indices to use or None for all) -> one epoch of (uint8 images, labels) minibatches
+EpochBatches = Callable[..., Iterable]
 
 
 def epoch_batches(cfg: Config, data: Dataset) -> EpochBatches:
@@ -68,8 +79,11 @@ def epoch_batches(cfg: Config, data: Dataset) -> EpochBatches:
         spec = data.spec
         return BetonBatches(ensure_beton(cfg), cfg.experts.batch_size, data.y_train.device, len(data.y_train),
                             (spec.size, spec.size, spec.channels), cfg.data.beton_workers).epoch
-    return lambda seed: ShuffledBatches(data.x_train, data.y_train, cfg.experts.batch_size,
-                                        torch.Generator().manual_seed(seed))
+    def batches(seed: int, indices: torch.Tensor | None = None) -> ShuffledBatches:
+        x, y = (data.x_train, data.y_train) if indices is None else (data.x_train[indices.to(data.x_train.device)],
+                                                                     data.y_train[indices.to(data.y_train.device)])
+        return ShuffledBatches(x, y, cfg.experts.batch_size, torch.Generator().manual_seed(seed))
+    return batches
 
 
 class EpochProgress:
@@ -114,10 +128,12 @@ def train_expert(cfg: Config, data: Dataset, store: TrajectoryStore, index: int,
     optimizer = expert_optimizer(model, ex)
     augment = DSA(cfg.augment.strategy, cfg.augment.siamese)
     batches = batches or epoch_batches(cfg, data)
+    schedule = DataSchedule(cfg, data) if ex.data_schedule == "pad" else None
     for epoch in range(saved, ex.epochs + 1):
         seed_everything(cfg.seed, "expert_epoch", index, epoch)  # so a resumed expert draws the same augmentations
         start = time.perf_counter()
-        epoch_data = batches(derive_seed(cfg.seed, "expert_order", index, epoch))
+        epoch_data = batches(derive_seed(cfg.seed, "expert_order", index, epoch),
+                             None if schedule is None else schedule.indices(epoch))
         position = EpochProgress(store, index, epoch, len(epoch_data))
         loss = train_epoch(model, optimizer, epoch_data, data.preprocess, augment,
                            progress=f"expert {index} epoch {epoch}" if progress else "", on_batch=position)

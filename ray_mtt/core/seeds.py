@@ -13,7 +13,7 @@ import torch
 
 # The purposes in use; a new one is a new, independent stream.
 PURPOSES = ("expert_init", "expert_epoch", "expert_order", "distill_init", "distill_iteration", "validation", "evaluation",
-            "random_real")
+            "random_real", "difficulty_init", "difficulty_epoch", "difficulty_order")
 
 
 def derive_seed(seed: int, purpose: str, *index: int) -> int:

@@ -29,8 +29,8 @@ from .storage import Storage, open_storage
 FORMAT_VERSION = 1
 # Fields that must match between a store and the run that reads or extends it.
 IDENTITY_KEYS = ("dataset", "model", "width", "depth", "zca", "val_per_class", "train_per_class", "num_params",
-                 "optimizer")
-IDENTITY_DEFAULTS = {"optimizer": "sgd"}  # what a store written before a key was recorded holds
+                 "optimizer", "data_schedule")
+IDENTITY_DEFAULTS = {"optimizer": "sgd", "data_schedule": "none"}  # what a store written before a key was recorded holds
 
 
 def write_json(storage: Storage, name: str, obj: dict) -> None:

@@ -52,7 +52,8 @@ def flat_config(cfg: Config) -> dict[str, str]:
     flat = {}
     for section, values in cfg.to_dict().items():
         if isinstance(values, dict):
-            flat.update({f"{section}.{k}": ",".join(v) if isinstance(v, list) else str(v) for k, v in values.items()})
+            flat.update({f"{section}.{k}": ",".join(map(str, v)) if isinstance(v, list) else str(v)
+                         for k, v in values.items()})
         else:
             flat[section] = str(values)
     for name in ("lr_img", "lr_lr", "lr_teacher", "lr_y"):
