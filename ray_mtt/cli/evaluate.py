@@ -3,7 +3,9 @@
 `python -m ray_mtt.evaluate --synthetic FILE.pt --data-dir DATA` needs nothing but the file: it
 holds the config it was made with and its preprocessing (ZCA matrices included), and flags such as
 `--eval.models convnet,resnet18` override that config. Without --synthetic the set is
-<distill dir>/best.pt of the config given. `--baseline` adds a random-real row of the same IPC.
+<distill dir>/best.pt of the config given (best_ema.pt holds the EMA set of a run with distill.ema).
+A set with learned soft labels trains on softmax(labels) and gets a second row, the same images
+with hard labels. `--baseline` adds a random-real row of the same IPC.
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     lr = float(saved["lr"])
     rows = score_with_baseline(saved, cfg, data, progress=True, baseline=args.baseline)
     labels = "its learned soft labels" if saved.get("label_logits") is not None else "its labels"
-    print(f"test accuracy over {cfg.eval.num_runs} networks each (distilled set trained on {labels} with its "
+    kind = ", the EMA of its images" if saved.get("images_kind") == "ema" else ""
+    print(f"test accuracy over {cfg.eval.num_runs} networks each (distilled set{kind} trained on {labels} with its "
           f"learned lr {lr:.4g})")
     print(format_table(rows))

@@ -13,7 +13,8 @@ import time
 
 from ..core.config import Config
 from ..core.distill import distill
-from ..core.evaluate import HARD_LABELS, Score, format_table, load_synthetic, score_with_baseline
+from ..core.evaluate import (HARD_LABELS, Score, format_table, hard_labels_row, load_synthetic,
+                             score_with_baseline)
 from ..core.errors import UserError
 from .common import (add_job_args, add_tracking_arg, finish_tracking, load_data, make_experts, parse_command,
                      reporter_for, tracked_run)
@@ -34,6 +35,9 @@ def run_pipeline(cfg: Config, job: argparse.Namespace, progress: bool = True, tr
         times["distill_s"], t0 = time.perf_counter() - t0, time.perf_counter()
         best = load_synthetic(result["best"], data.x_test.device)
         rows = score_with_baseline(best, cfg, data, progress=progress)
+        if "best_ema" in result:  # FTD: the EMA set's own best, on fresh networks of the same streams
+            rows.update(score_with_baseline(load_synthetic(result["best_ema"], data.x_test.device), cfg, data,
+                                            progress=progress, baseline=False, name=EMA_ROW))
         times["evaluate_s"] = time.perf_counter() - t0
         distilled, baseline = rows["distilled"], rows["random real"]
         finish_tracking(tracked, rows,
@@ -43,8 +47,8 @@ def run_pipeline(cfg: Config, job: argparse.Namespace, progress: bool = True, tr
         "val_acc": result["val_acc"], "s_per_iter": result["s_per_iter"], "learned_lr": float(best["lr"]),
         "test": scores_json(distilled), "random_real_test": scores_json(baseline), **times,
     }
-    if HARD_LABELS in rows:  # the same images without their learned labels
-        summary["hard_label_test"] = scores_json(rows[HARD_LABELS])
+    extra = {"hard_label_test": HARD_LABELS, "ema_test": EMA_ROW, "ema_hard_label_test": hard_labels_row(EMA_ROW)}
+    summary.update({key: scores_json(rows[row]) for key, row in extra.items() if row in rows})
     (cfg.distill_dir / "results.json").write_text(json.dumps({"config": cfg.to_dict(), **summary}, indent=1))
     print(f"\n{cfg.data.dataset} IPC={cfg.distill.ipc}: test accuracy over {cfg.eval.num_runs} networks "
           f"(synthetic set picked at iteration {result['best_iteration']} on the validation split, "
@@ -54,6 +58,9 @@ def run_pipeline(cfg: Config, job: argparse.Namespace, progress: bool = True, tr
           f"({result['s_per_iter']:.3f} s/iter), evaluate {times['evaluate_s']:.0f} s; "
           f"results in {cfg.distill_dir / 'results.json'}")
     return summary
+
+
+EMA_ROW = "distilled, EMA"
 
 
 def scores_json(scores: dict[str, Score]) -> dict:

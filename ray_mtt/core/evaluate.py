@@ -103,27 +103,33 @@ def training_labels(synthetic: dict) -> torch.Tensor:
     return synthetic["labels"] if logits is None else logits.detach().float().softmax(1)
 
 
-HARD_LABELS = "distilled, hard labels"
+def hard_labels_row(name: str = "distilled") -> str:
+    return f"{name}, hard labels"
 
 
-def report_sets(synthetic: dict, cfg: Config, data: Dataset | None, baseline: bool = True) -> dict[str, tuple]:
+HARD_LABELS = hard_labels_row()
+
+
+def report_sets(synthetic: dict, cfg: Config, data: Dataset | None, baseline: bool = True,
+                name: str = "distilled") -> dict[str, tuple]:
     """The rows of a report, name -> (images, labels, lr): the distilled set as made; with learned labels
     also the same images with their classes (what the labels add, the DD-Ranking critique); and a
     random-real set of the same IPC (it has no learned lr: eval.lr_real)."""
     lr = float(synthetic["lr"])
-    rows = {"distilled": (synthetic["images"], training_labels(synthetic), lr)}
+    rows = {name: (synthetic["images"], training_labels(synthetic), lr)}
     if synthetic.get("label_logits") is not None:
-        rows[HARD_LABELS] = (synthetic["images"], synthetic["labels"], lr)
+        rows[hard_labels_row(name)] = (synthetic["images"], synthetic["labels"], lr)
     if baseline:
         rows["random real"] = (*random_real_set(cfg, data), cfg.eval.lr_real)
     return rows
 
 
 def score_with_baseline(synthetic: dict, cfg: Config, data: Dataset, models: list[str] | None = None,
-                        progress: bool = False, baseline: bool = True) -> dict[str, dict[str, Score]]:
+                        progress: bool = False, baseline: bool = True,
+                        name: str = "distilled") -> dict[str, dict[str, Score]]:
     """Test accuracy of each report_sets row, per architecture: the table every report prints."""
-    return {name: score(images, labels, lr, cfg, data, models=models, progress=progress)
-            for name, (images, labels, lr) in report_sets(synthetic, cfg, data, baseline).items()}
+    return {row: score(images, labels, lr, cfg, data, models=models, progress=progress)
+            for row, (images, labels, lr) in report_sets(synthetic, cfg, data, baseline, name).items()}
 
 
 def load_synthetic(path: str | Path, device) -> dict:
