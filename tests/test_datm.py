@@ -292,3 +292,22 @@ def test_sweep_space_keeps_the_window_valid():
         check_space({**space, "distill.min_start_epoch": tune.choice([0, 30])}, cfg.distill, 100)
     with pytest.raises(UserError, match="= 42 but the experts have 30"):  # 40 - 1 + 3 (M up to 3)
         check_space({**space, "distill.max_start_epoch": tune.choice([20, 40])}, cfg.distill, 30)
+
+
+@pytest.mark.parametrize("method", ["ftd", "pad"])
+def test_ftd_and_pad_configs_ship_their_options_and_fit_their_experts(method):
+    names = shipped_configs(method)
+    assert "cifar10_ipc10" in names and len(names) >= 8
+    for name in names:
+        dataset, _, ipc = name.rpartition("_ipc")
+        cfg = apply_overrides(Config(), load_yaml(default_config_path(dataset, int(ipc), method)), name).validate()
+        d, e = cfg.distill, cfg.experts
+        assert cfg.method == method and e.optimizer == "gsam" and e.gsam_rho == 0.01
+        assert d.max_start_epoch - 1 + d.expert_epochs <= e.epochs
+        if method == "ftd":
+            assert 0.99 < d.ema < 1 and not d.soft_labels
+        else:
+            assert e.data_schedule == "pad" and e.schedule_ir == 0.75 and d.soft_labels and d.init == "correct"
+    pad10 = apply_overrides(Config(), load_yaml(default_config_path("cifar10", 10, "pad")), "pad").distill
+    assert (pad10.mask_ratio, pad10.first_max_start_epoch, pad10.max_start_epoch, pad10.expansion_iterations) == \
+        (0.25, 10, 20, 1000)

@@ -148,8 +148,8 @@ class Config:
     experts: ExpertConfig = field(default_factory=ExpertConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    # the family of shipped configs: mtt (configs/<dataset>_ipc<k>.yaml) or datm (configs/datm/...); the
-    # options themselves decide what runs, this names where the defaults came from
+    # the family of shipped configs: mtt (configs/<dataset>_ipc<k>.yaml), datm, ftd or pad (configs/<method>/...);
+    # the options themselves decide what runs, this names where the defaults came from
     method: str = "mtt"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0  # root of every random stream (seeds.py): experts, distillation, evaluation, DSA
@@ -339,7 +339,7 @@ def load_yaml(path: str | Path) -> dict:
     return flatten_sections(tree, str(path))
 
 
-METHODS = ("mtt", "datm")  # mtt's configs sit at the top of the config folder, each other method's in its own
+METHODS = ("mtt", "datm", "ftd", "pad")  # mtt's configs sit at the top of the config folder, each other method's in its own
 
 
 def default_config_path(dataset: str, ipc: int, method: str = "mtt") -> Path:
