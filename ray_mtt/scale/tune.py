@@ -2,7 +2,9 @@
 
 The search space covers N (syn_steps), M (expert_epochs), T+ (max_start_epoch), lr_img, lr_lr and
 the initial alpha (lr_teacher) around the config's values, lr_y with soft labels; `--space` adds any
-config field (DATM's window T-, T, E and loss threshold, for instance). ASHA stops weak trials early on the
+config field (DATM's window T-, T, E and loss threshold, PAD's mask ratio, FTD's EMA beta). A space
+with experts.* dimensions (FTD's rho and alpha, PAD's IR and AEE) makes each trial train, or reuse,
+the store of its own expert settings before it distills. ASHA stops weak trials early on the
 periodic validation accuracy. MLflow gets one parent run per sweep, one child run per trial, and
 for the best trial a test-accuracy table over architectures.
 """
@@ -23,7 +25,9 @@ from ray.tune.schedulers import ASHAScheduler
 
 from ..core.config import Config, DistillConfig, apply_overrides, config_from_dict
 from ..core.data import Splits, check_data_place, read_splits, to_device
+from ..core.difficulty import score_locally
 from ..core.distill import Reporter, distill
+from ..core.experts import epoch_batches, train_experts
 from ..core.errors import UserError
 from ..core.evaluate import Score, evaluation_stream, load_synthetic, report_sets, train_and_score
 from ..core.models import model_for
@@ -134,14 +138,42 @@ def trial_folder(trial_id: str) -> Path:
     return out
 
 
-def run_trial(config: dict, base: dict, tracking_uri: str, parent_run_id: str, splits: Splits) -> None:
-    """One Tune trial: distill with the sampled hyperparameters. `splits` come from the driver through
-    Ray's object store (read and ZCA-fitted once; nothing is read from this node's disk)."""
+def swept_experts(space: dict) -> list[str]:
+    """The space's experts.* dimensions (FTD's rho and alpha, PAD's IR and AEE, ...)."""
+    return sorted(k for k in space if k.startswith("experts."))
+
+
+def trial_store(cfg: Config, swept: list[str]) -> str:
+    """The store of one combination of swept expert settings, beside the sweep's store: the trials
+    that draw the same combination share it (its experts are deterministic, so they write the same bytes)."""
+    def text(value):
+        return ":".join(map(str, value)) if isinstance(value, list) else f"{value:g}" if isinstance(value, float) \
+            else str(value)
+    settings = ",".join(f"{k.split('.', 1)[1]}={text(getattr(cfg.experts, k.split('.', 1)[1]))}" for k in swept)
+    return f"{cfg.expert_dir.rstrip('/')}__{settings}"
+
+
+def train_trial_experts(cfg: Config, data, swept: list[str]) -> None:
+    """A trial that sweeps expert settings trains the experts of its own (or reuses them: each epoch
+    resumes), on its own resources, EL2N scores first when its schedule needs them."""
+    cfg.experts.dir = trial_store(cfg, swept)
+    if cfg.experts.data_schedule == "pad":
+        score_locally(cfg, data, epoch_batches(cfg, data))
+    train_experts(cfg, data, progress=False)
+
+
+def run_trial(config: dict, base: dict, tracking_uri: str, parent_run_id: str, splits: Splits,
+              swept: list[str]) -> None:
+    """One Tune trial: distill with the sampled hyperparameters (training its own experts first when
+    `swept` names expert settings). `splits` come from the driver through Ray's object store (read
+    and ZCA-fitted once; nothing is read from this node's disk)."""
     cfg = apply_overrides(config_from_dict(base), config, "search space").validate()
     trial_id = tune.get_context().get_trial_id()
     out = trial_folder(trial_id)
     cfg.distill.out_dir = str(out)
     data = to_device(splits, resolve_device(cfg.device))
+    if swept:
+        train_trial_experts(cfg, data, swept)
     client, experiment_id = open_experiment(tracking_uri, cfg.run_dir)
     run_file = out / "mlflow_run_id"  # a restored trial keeps logging into the same child run
     if run_file.is_file():
@@ -179,8 +211,9 @@ def extremes(domain) -> tuple:
 
 
 def full_space(cfg: Config, user_space: dict) -> dict:
-    """The default space with the user's dimensions on top, checked against the experts' length."""
-    available = expert_epochs_available(cfg)
+    """The default space with the user's dimensions on top, checked against the experts' length (the
+    store's, or the length trials train when they sweep expert settings)."""
+    available = cfg.experts.epochs if swept_experts(user_space) else expert_epochs_available(cfg)
     space = {**default_space(cfg, available), **user_space}
     check_space(space, cfg.distill, available)
     return space
@@ -308,14 +341,15 @@ def run_sweep(cfg: Config, opts: SweepOptions) -> SweepOutcome:
     opts = dataclasses.replace(opts, name=opts.name or f"{cfg.data.dataset}_ipc{cfg.distill.ipc}",
                                tracking_uri=opts.tracking_uri or default_tracking_uri(cfg.run_dir))
     check_data_place(cfg.data)
-    if not opts.make_experts:
+    swept = swept_experts(user_space)
+    if not opts.make_experts and not swept:
         expert_epochs_available(cfg)  # a missing store is known in a second, before the data is decoded
     splits = read_splits(cfg.data)  # checks the data first; fits ZCA once for all trials
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     connect(opts.address)
     sweep = Sweep(cfg, opts)
     check_places(cfg, opts, sweep.storage)  # before anything runs
-    if opts.make_experts and not TrajectoryStore(cfg.expert_dir).completed():
+    if opts.make_experts and not swept and not TrajectoryStore(cfg.expert_dir).completed():
         run_job(cfg, opts.address, splits=splits)
     space = full_space(cfg, user_space)
     resources = trial_resources(opts)
@@ -323,7 +357,7 @@ def run_sweep(cfg: Config, opts: SweepOptions) -> SweepOutcome:
     parent_run_id = sweep.parent_run(space)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=cfg.to_dict(), tracking_uri=opts.tracking_uri,
-                             parent_run_id=parent_run_id, splits=splits), resources)
+                             parent_run_id=parent_run_id, splits=splits, swept=swept), resources)
     monitor = system_metrics(parent_run_id, opts.tracking_uri)
     try:
         grid = sweep.tuner(trainable, space).fit()
