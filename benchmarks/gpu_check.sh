@@ -5,8 +5,9 @@
 #      (counted) and TFLOP/s against this device's fp32 peak (measured);
 #   2. DATM's CIFAR-10 IPC 10 and IPC 50 configs (N=80, soft labels): s/iter and peak memory of one
 #      iteration in both grad modes (issue 20);
-#   3. one iteration of IPC 1 and IPC 10 by phase, with the top operators;
-#   4. a real distillation (experts, distillation, evaluation) of about 3 minutes.
+#   3. an expert epoch with SGD and with GSAM (FTD's flat experts, issue 21) and PAD's EL2N pass;
+#   4. one iteration of IPC 1 and IPC 10 by phase, with the top operators;
+#   5. a real distillation (experts, distillation, evaluation) of about 3 minutes.
 # CI runs `--device cpu --quick` (tiny shapes: every path runs, nothing is measured) so it cannot rot.
 #
 #   benchmarks/gpu_check.sh [--device cuda|cpu] [--quick] [--data-dir DIR] [--out DIR]
@@ -38,6 +39,7 @@ fi
 if [ $quick = 1 ]; then  # every path, tiny shapes
   bench=(--configs cifar10_ipc1,cifar10_ipc10 --syn-steps 2 --width 8 --warmup 0 --repeats 1)
   datm=(--configs datm/cifar10_ipc10,datm/cifar10_ipc50 --syn-steps 2 --width 8 --warmup 0 --repeats 1)
+  gsam=(--train-per-class 5 --width 8 --repeats 1)
   profile=(--configs cifar10_ipc1 --syn-steps 2 --width 8)
   run=(--experts.num_experts 1 --experts.epochs 2 --distill.syn_steps 2 --distill.iterations 2
        --distill.expert_epochs 1 --distill.max_start_epoch 1
@@ -46,6 +48,7 @@ if [ $quick = 1 ]; then  # every path, tiny shapes
 else
   bench=(--configs cifar10_ipc1,cifar10_ipc10,cifar10_ipc50 --warmup 2 --repeats 5)
   datm=(--configs datm/cifar10_ipc10,datm/cifar10_ipc50 --warmup 1 --repeats 3)
+  gsam=(--train-per-class 5000 --repeats 2)  # the whole CIFAR-10 training split per epoch
   profile=(--configs cifar10_ipc1,cifar10_ipc10)
   run=(--experts.num_experts 4 --experts.epochs 6 --distill.syn_steps 20 --distill.expert_epochs 2
        --distill.max_start_epoch 4 --distill.iterations 400 --distill.eval_every 200 --distill.eval_epochs 200
@@ -64,9 +67,11 @@ echo "== 1. configs x variants ($device)"
 echo "== 2. DATM's configs, both grad modes ($device)"
 "$python" -m ray_mtt.bench --device "$device" --variants unrolled,checkpointed --peak-memory "${datm[@]}" \
   --json "$out/gpu_check_datm.json"
-echo "== 3. one iteration by phase ($device)"
+echo "== 3. an expert epoch, SGD and GSAM ($device)"
+"$python" benchmarks/bench_gsam.py --device "$device" "${gsam[@]}" --json "$out/gpu_check_gsam.json"
+echo "== 4. one iteration by phase ($device)"
 "$python" -m ray_mtt.bench --device "$device" --profile "${profile[@]}" --json "$out/gpu_check_profile.json"
-echo "== 4. a real distillation ($device, stopped after ${limit} s)"
+echo "== 5. a real distillation ($device, stopped after ${limit} s)"
 status=0
 timeout "$limit" "$python" -m ray_mtt --engine local --device "$device" --tracking-uri none \
   --run_dir "$out/run" "${dataset[@]}" "${run[@]}" || status=$?
