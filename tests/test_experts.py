@@ -54,9 +54,9 @@ def test_each_experts_epoch_draws_its_batch_order_from_its_own_stream(tmp_path, 
     store, seeds = open_store_for_training(cfg, digits.spec), []
     shuffled = epoch_batches(cfg, digits)
 
-    def recording(seed):
+    def recording(seed, indices=None):
         seeds.append(seed)
-        return shuffled(seed)
+        return shuffled(seed, indices)
     for index in (0, 1):
         train_expert(cfg, digits, store, index, batches=recording)
     assert seeds == [derive_seed(cfg.seed, "expert_order", k, e) for k in (0, 1) for e in range(1, cfg.experts.epochs + 1)]

@@ -56,8 +56,15 @@ def connect(address: str | None) -> None:
                   flush=True)
             address = "local"
     check_reachable(address)
-    ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False,
-             configure_logging=False)
+    try:
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False,
+                 configure_logging=False)
+    except Exception as e:  # Ray raises a bare Exception when a local node's processes do not come up in time
+        if "timed out during startup" not in str(e):
+            raise
+        raise UserError("the local Ray node timed out during startup (its raylet or GCS did not come up: an "
+                        "overloaded machine); rerun when it is less busy, or pass --address of a running cluster "
+                        "(`ray start --head`)") from None
 
 
 def ray_failure(e: BaseException, what: str) -> UserError:
