@@ -39,10 +39,15 @@ def test_mlflow_records_the_successors_settings_label_entropy_and_threshold_skip
     train_experts(cfg, digits, progress=False)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracked = TrackedRun(uri, cfg, "successors")
-    distill(cfg, digits, reporter=tracked.reporter(digits, cfg.distill.ipc), progress=False)
-    tracked.close("FINISHED")
+    result = distill(cfg, digits, reporter=tracked.reporter(digits, cfg.distill.ipc), progress=False)
+    from ray_mtt.core.evaluate import load_synthetic, score_with_baseline
+    cfg.eval.epochs = 2
+    rows = score_with_baseline(load_synthetic(result["best"], "cpu"), cfg, digits)  # hard-label row included
+    tracked.finish(rows, {"best_val_acc": result["val_acc"]})
     client = MlflowClient(uri)
     run = client.get_run(tracked.run_id)
+    assert {"test_acc/distilled/convnet", "test_acc/distilled_hard_labels/convnet",
+            "test_acc/random_real/convnet"} <= set(run.data.metrics)
     assert run.data.params["distill.mask_ratio"] == "0.25" and run.data.params["distill.ema"] == "0.9"
     assert run.data.params["experts.optimizer"] == "sgd" and "experts.schedule_ir" in run.data.params
     skips = [m.value for m in client.get_metric_history(tracked.run_id, "threshold_skips")]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import socket
 import tempfile
 import time
@@ -168,6 +169,11 @@ def log_result(client: MlflowClient, run_id: str, scores: dict[str, dict[str, Sc
     log_metrics(client, run_id, summary)
 
 
+def metric_part(name: str) -> str:
+    """A row name as MLflow accepts it in a metric key: "distilled, hard labels" -> distilled_hard_labels."""
+    return re.sub(r"[^0-9A-Za-z_.-]+", "_", name).strip("_")
+
+
 def _log_scores(client: MlflowClient, run_id: str, rows: list[tuple[str, Score]]) -> None:
     client.log_table(run_id, {
         "set": [name for name, _ in rows], "model": [s.model for _, s in rows],
@@ -175,8 +181,8 @@ def _log_scores(client: MlflowClient, run_id: str, rows: list[tuple[str, Score]]
         "runs": [len(s.accs) for _, s in rows]}, artifact_file="accuracy_by_architecture.json")
     metrics = {}
     for set_name, s in rows:
-        metrics[f"test_acc/{set_name}/{s.model}".replace(" ", "_")] = s.mean
-        metrics[f"test_acc_std/{set_name}/{s.model}".replace(" ", "_")] = s.std
+        metrics[f"test_acc/{metric_part(set_name)}/{s.model}"] = s.mean
+        metrics[f"test_acc_std/{metric_part(set_name)}/{s.model}"] = s.std
     log_metrics(client, run_id, metrics)
     lines = ["| set | model | test accuracy |", "|---|---|---|"]
     lines += [f"| {name} | {s.model} | {s} over {len(s.accs)} runs |" for name, s in rows]
