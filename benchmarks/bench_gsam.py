@@ -84,7 +84,7 @@ def main() -> None:
         f"CPU ({torch.get_num_threads()} threads)"
     print(f"{device_name}: ConvNet width {args.width}, {images} CIFAR-10 images per epoch, "
           f"{args.repeats} repeats after a warmup, medians")
-    print(f"| | s/epoch | images/s | GSAM / SGD | hours for 100 x 100 epochs of 50,000 images |\n|---|---|---|---|---|")
+    print("| | s/epoch | images/s | GSAM / SGD | hours for 100 x 100 epochs of 50,000 images |\n|---|---|---|---|---|")
     for k in ("sgd", "gsam"):
         print(f"| {k} | {medians[k]:.2f} | {images / medians[k]:.0f} | {medians[k] / medians['sgd']:.2f}x | "
               f"{hours[k]:.1f} |")

@@ -12,7 +12,7 @@
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 
@@ -95,4 +95,3 @@ def label_entropy(logits: torch.Tensor) -> float:
     return float(-(logits.softmax(1) * logits.log_softmax(1)).sum(1).mean())
 
 
-FinalSnapshots = Callable[[], Iterable[torch.Tensor]]  # a fresh pass over the experts' final snapshots
