@@ -217,6 +217,8 @@ def make_experts(cfg: Config, args: argparse.Namespace, data: Dataset | None = N
                  progress: bool = True) -> TrajectoryStore:
     """Train the experts the store lacks with the engine that `add_job_args` flags chose (first the
     EL2N scores their data schedule needs, when they have one)."""
+    if args.engine == "ray":
+        require_ray()
     if cfg.experts.data_schedule == "pad":
         data = score_difficulty(cfg, args, data)
     if args.engine == "ray":
@@ -225,12 +227,16 @@ def make_experts(cfg: Config, args: argparse.Namespace, data: Dataset | None = N
     return train_experts(cfg, data or load_expert_data(cfg, resolve_device(cfg.device)), progress=progress)
 
 
+def require_ray() -> None:
+    if importlib.util.find_spec("ray") is None:
+        raise UserError("--engine ray needs ray (pip install 'ray[train]'); or pass --engine local")
+
+
 def score_difficulty(cfg: Config, args: argparse.Namespace, data: Dataset | None = None) -> Dataset | None:
     """PAD's EL2N scores for the store (kept when there): Ray tasks or this process; returns the data
     it loaded (None on Ray, where the workers get it from the object store)."""
     if args.engine == "ray":
-        if importlib.util.find_spec("ray") is None:
-            raise UserError("--engine ray needs ray (pip install 'ray[train]'); or pass --engine local")
+        require_ray()
         from ..scale.difficulty_job import run_scoring
         run_scoring(cfg.absolute_paths(), args.address, options_from_args(JobResources, args))
         return data
