@@ -35,6 +35,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from ray_mtt.cli.main import scores_json  # noqa: E402
 from ray_mtt.core.config import Config, apply_overrides, default_config_path, load_yaml  # noqa: E402
 from ray_mtt.core.data import load_dataset  # noqa: E402
 from ray_mtt.core.difficulty import score_locally  # noqa: E402
@@ -75,9 +76,8 @@ def base_config(args) -> Config:
         "eval.num_runs": args.eval_runs, "device": "cpu", "run_dir": args.run_dir}, "compare_methods")
 
 
-def scores_json(rows: dict) -> dict:
-    return {row: {m: {"mean": s.mean, "std": s.std, "accs": s.accs} for m, s in by_model.items()}
-            for row, by_model in rows.items()}
+def rows_json(rows: dict) -> dict:
+    return {row: scores_json(by_model) for row, by_model in rows.items()}
 
 
 def main() -> None:
@@ -128,7 +128,7 @@ def main() -> None:
                                             baseline=False, name="distilled, EMA"))
         print(f"\n{name}: best iteration {summary['best_iteration']}, {summary['s_per_iter']:.2f} s/iter")
         print(format_table(rows))
-        results["variants"][name] = {"options": options, "store": store, "rows": scores_json(rows),
+        results["variants"][name] = {"options": options, "store": store, "rows": rows_json(rows),
                                      "summary": {k: str(v) if isinstance(v, Path) else v for k, v in summary.items()},
                                      "distill_s": distill_s}
         results["torch_threads"] = torch.get_num_threads()

@@ -58,6 +58,16 @@ def init_synthetic(cfg: Config, data: Dataset, generator: torch.Generator, stude
                         None if logits is None else logits.detach().requires_grad_(True))
 
 
+def set_shaped_for(cfg: Config, data: Dataset) -> SyntheticSet:
+    """A set of the config's shapes with zero content, for a checkpoint to fill."""
+    d, spec, device = cfg.distill, data.spec, data.x_train.device
+    n = d.ipc * data.num_classes
+    logits = torch.zeros(n, data.num_classes, device=device).requires_grad_(True) if d.soft_labels else None
+    return SyntheticSet(torch.zeros(n, spec.channels, spec.size, spec.size, device=device).requires_grad_(True),
+                        torch.arange(data.num_classes, device=device).repeat_interleave(d.ipc),
+                        torch.tensor(d.lr_teacher, device=device).requires_grad_(True), logits)
+
+
 OPTIMIZER_KEYS = ("opt_img", "opt_lr", "opt_y")  # how a checkpoint names each optimizer's state
 
 
@@ -182,14 +192,16 @@ class Distiller:
         retain_freed_memory_on(self.device)
         self.student = FlatModel(model_for(cfg, data.spec).to(self.device))
         self.dsa = DSA(cfg.augment.strategy, cfg.augment.siamese)
-        self.syn = init_synthetic(cfg, data, generator(cfg.seed, "distill_init"), self.student,
-                                  lambda: experts.final_snapshots(self.device))
+        self.checkpoint = self.out / "checkpoint.pt"
+        resuming = self.checkpoint.is_file()
+        # A resumed run overwrites the whole set, so it skips the init's scans of the experts' final snapshots.
+        self.syn = set_shaped_for(cfg, data) if resuming else init_synthetic(
+            cfg, data, generator(cfg.seed, "distill_init"), self.student, lambda: experts.final_snapshots(self.device))
         self.optimizers = synthetic_optimizers(self.syn, cfg.distill)
         # FTD: the EMA starts as the initial images and follows every image step (no warm-up, no bias correction).
         self.ema = self.syn.images.detach().clone() if cfg.distill.ema else None
         self.state = dict(FRESH_STATE)
-        self.checkpoint = self.out / "checkpoint.pt"
-        if self.checkpoint.is_file():
+        if resuming:
             self.state = _resume(self.checkpoint, self.syn, self.optimizers, self.ema, self.device)
 
     def candidates(self) -> dict[str, torch.Tensor]:
