@@ -8,6 +8,7 @@ lack, so GPU requests are scheduled for real (the code inside trains on the CPU)
 """
 from __future__ import annotations
 
+import atexit
 import os
 import secrets
 import shutil
@@ -31,6 +32,7 @@ def use_token_auth() -> Path:
     already set). Ray reads RAY_AUTH_MODE when it is imported: call this before anything imports ray."""
     if not os.environ.get("RAY_AUTH_TOKEN_PATH"):
         token = Path(tempfile.mkdtemp(prefix="ray_mtt_token_")) / "auth_token"
+        atexit.register(shutil.rmtree, token.parent, ignore_errors=True)  # one per test session, not kept
         token.write_text(secrets.token_hex(32))
         token.chmod(0o600)
         os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)
