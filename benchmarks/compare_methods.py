@@ -13,6 +13,8 @@ the shipped MTT config plus options:
   att        + ATT's automatic length (N is the longest)
   ema        + FTD's EMA of the images (beta scaled to the budget: see --ema)
   gsam       experts trained with GSAM (FTD: rho 0.01, alpha 0.3): their own store
+  gsam_rho0.1  GSAM at 10x FTD's rho (at this scale rho 0.01 moves the experts' final weights by
+             under 1 % of their path from SGD's): their own store
   pad        experts on PAD's EL2N schedule (IR 0.75; AEE and removals at 20/40/60 % of the
              epochs, as PAD's 20/40/60 of 100): their own store
   ftd_pad_att  gsam + pad experts (their own store), mask, EMA and ATT together
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -56,13 +59,15 @@ def variant_options(name: str, args) -> dict:
     matching = {"distill.mask_ratio": 0.25, "distill.ema": args.ema, "distill.auto_length": True}
     return {"mtt": {}, "datm": {**datm, "distill.soft_labels": True, "distill.lr_y": args.lr_y},
             "datm_hard": datm, "mask": {"distill.mask_ratio": 0.25}, "att": {"distill.auto_length": True},
-            "ema": {"distill.ema": args.ema}, "gsam": gsam, "pad": pad, "ftd_pad_att": {**gsam, **pad, **matching}}[name]
+            "ema": {"distill.ema": args.ema}, "gsam": gsam, "gsam_rho0.1": {**gsam, "experts.gsam_rho": 0.1},
+            "pad": pad, "ftd_pad_att": {**gsam, **pad, **matching}}[name]
 
 
 def store_name(options: dict) -> str:
     """Variants that change how experts train get a store of their own."""
     kinds = [k for k, key in (("gsam", "experts.optimizer"), ("pad", "experts.data_schedule")) if key in options]
-    return "experts_" + ("_".join(kinds) or "sgd")
+    rho = options.get("experts.gsam_rho", 0.01)
+    return "experts_" + ("_".join(kinds) or "sgd") + (f"_rho{rho}" if rho != 0.01 else "")
 
 
 def base_config(args) -> Config:
@@ -80,12 +85,30 @@ def rows_json(rows: dict) -> dict:
     return {row: scores_json(by_model) for row, by_model in rows.items()}
 
 
+def paired_table(results: dict) -> str:
+    """Every row of every finished variant: mean +- std over the evaluation networks, and the mean +-
+    std (population, as in every table here) of its difference from MTT's network of the same index
+    (same init, same batch order), which takes the networks' shared luck out of the comparison."""
+    lines = ["| variant | row | test accuracy | minus MTT, paired by network |", "|---|---|---|---|"]
+    base = results["variants"].get("mtt", {}).get("rows", {}).get("distilled", {}).get("convnet", {}).get("accs")
+    for name, variant in results["variants"].items():
+        for row, by_model in variant["rows"].items():
+            accs = by_model["convnet"]["accs"]
+            cell = "-"
+            if base and len(base) == len(accs) > 1:
+                diffs = [100 * (a - b) for a, b in zip(accs, base)]
+                cell = f"{statistics.mean(diffs):+.1f} +- {statistics.pstdev(diffs):.1f}"
+            lines.append(f"| {name} | {row} | {100 * by_model['convnet']['mean']:.1f} +- "
+                         f"{100 * by_model['convnet']['std']:.1f} % | {cell} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--dataset", default="cifar10")
     parser.add_argument("--ipc", type=int, default=10)
-    parser.add_argument("--variants", default="mtt,datm,datm_hard,mask,att,ema,gsam,pad,ftd_pad_att")
+    parser.add_argument("--variants", default="mtt,datm,datm_hard,mask,att,ema,gsam,gsam_rho0.1,pad,ftd_pad_att")
     parser.add_argument("--width", type=int, default=32, help="ConvNet width (the paper's: 128)")
     parser.add_argument("--train-per-class", type=int, default=1000, help="real images per class the experts see")
     parser.add_argument("--experts", type=int, default=4)
@@ -133,6 +156,7 @@ def main() -> None:
                                      "distill_s": distill_s}
         results["torch_threads"] = torch.get_num_threads()
         out.write_text(json.dumps(results, indent=1))
+    print(paired_table(results))
 
 
 if __name__ == "__main__":
