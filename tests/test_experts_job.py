@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import psutil
 import pytest
 
@@ -124,3 +125,67 @@ def test_killed_driver_reruns_without_redoing_finished_experts(cluster, tmp_path
     epochs = assert_complete_and_uncorrupted(store)
     for k, info in finished.items():
         assert epochs[k] == info["epochs"], f"finished expert {k} was retrained"
+
+
+class KillOnce(threading.Thread):
+    """Kills the first process whose title names `task` (Ray titles a busy worker ray::<task>)."""
+
+    def __init__(self, task: str):
+        super().__init__(daemon=True)
+        self.task, self.at = task, None
+
+    def run(self):
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            for p in psutil.process_iter(["cmdline"]):
+                if f"ray::{self.task}" in " ".join(p.info["cmdline"] or []):
+                    time.sleep(0.5)  # into the network's training, not at its first line
+                    p.send_signal(signal.SIGKILL)
+                    self.at = time.time()
+                    return
+            time.sleep(0.05)
+
+
+def test_pad_scored_gsam_experts_run_on_ray_through_killed_tasks_and_workers(cluster, tmp_path):
+    """The experts command with FTD's optimizer and PAD's schedule on a cluster: EL2N scoring as
+    Ray tasks (one killed mid-network: Ray reruns it), then GSAM experts on the schedule in the
+    Ray Train job (a worker killed mid-expert: resumed from its last saved epoch). The scores equal
+    one process's computation of the same streams; the store records the optimizer and schedule."""
+    from ray_mtt.core.config import DataConfig
+    from ray_mtt.core.data import load_dataset
+    from ray_mtt.core.difficulty import SCORES, network_file, network_scores, read_npy
+    from ray_mtt.core.experts import epoch_batches
+    from ray_mtt.core.storage import open_storage
+    schedule = {"optimizer": "gsam", "gsam_rho": 0.05, "data_schedule": "pad", "schedule_aee": 1,
+                "removal_epochs": [2], "removal_ratios": [0.2], "difficulty_networks": 2, "difficulty_epochs": 3}
+    cfg = tiny_config(tmp_path, experts={"num_experts": EXPERTS, "epochs": EPOCHS, "batch_size": 16, **schedule})
+    cfg = cfg.absolute_paths()
+    flags = [f"--experts.{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in schedule.items()]
+    command = [sys.executable, "-m", "ray_mtt.experts", "--address", cluster.address, "--workers", "2",
+               "--min-workers", "2", "--max-failures", "3", "--model.width", "16", "--num-experts", str(EXPERTS),
+               "--epochs", str(EPOCHS), "--experts.batch_size", "16", *flags, "--storage", cfg.expert_dir,
+               "--run_dir", cfg.run_dir]
+    store = TrajectoryStore(cfg.expert_dir)
+    scoring_fault = KillOnce("score_network")
+    expert_fault = FaultWhenMidExpert(store, lambda: train_workers()[0].send_signal(signal.SIGKILL))
+    scoring_fault.start()
+    expert_fault.start()
+    result = subprocess.run(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert scoring_fault.at is not None, "no scoring task was killed"
+    storage = open_storage(cfg.expert_dir)
+    nets = [read_npy(storage, network_file(k)) for k in range(2)]
+    assert np.allclose(read_npy(storage, SCORES), (nets[0] + nets[1]) / 2)
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the task ran (cpus_per_worker 1)
+    try:
+        data = load_dataset(DataConfig(dataset="digits"))
+        alone = [network_scores(cfg, data, k, epoch_batches(cfg, data)) for k in range(2)]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(np.allclose(net, one, atol=1e-5) for net, one in zip(nets, alone))  # the rerun task's too
+    meta = store.read_meta()
+    assert meta["optimizer"] == "gsam(rho=0.05, alpha=0.3)" and meta["data_schedule"].startswith("pad(ir=")
+    assert_saved_epochs_not_redone(assert_complete_and_uncorrupted(store), expert_fault)
