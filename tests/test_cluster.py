@@ -132,7 +132,9 @@ def tiny_flags(bed) -> list[str]:
 def test_a_submitted_experts_job_trains_on_workers_that_share_nothing_and_lands_in_the_bucket(experts_head, s3):
     head = experts_head
     """`ray job submit` with the token, and no --storage: the cluster's RAY_MTT_STORAGE puts the
-    trajectories in the bucket. The workers see neither the data nor the driver's /tmp or $HOME."""
+    trajectories in the bucket. The workers see neither the data nor the driver's /tmp or $HOME.
+    The experts are FTD's and PAD's (GSAM on an EL2N schedule), so PAD's scoring tasks run on those
+    workers too and write their scores into the bucket beside the trajectories."""
     for _ in range(2):
         head.add_worker(cpus=1)
     marker = Path(tempfile.mkdtemp(dir="/tmp")) / "driver_tmp_file"
@@ -144,13 +146,20 @@ def test_a_submitted_experts_job_trains_on_workers_that_share_nothing_and_lands_
                               env={k: v for k, v in head.env.items() if not k.startswith("RAY_AUTH")})
     assert no_token.returncode != 0  # a client without the token is refused
     job = head.submit(sys.executable, "-m", "ray_mtt.experts", *tiny_flags(head), "--num-experts", str(EXPERTS),
-                      "--epochs", str(EPOCHS), "--workers", "2", "--min-workers", "2", "--use-gpu", "no")
+                      "--epochs", str(EPOCHS), "--workers", "2", "--min-workers", "2", "--use-gpu", "no",
+                      "--experts.optimizer", "gsam", "--experts.data_schedule", "pad", "--experts.schedule_aee", "1",
+                      "--experts.removal_epochs", "1", "--experts.removal_ratios", "0.2",
+                      "--experts.difficulty_networks", "2", "--experts.difficulty_epochs", "1")
     output, _ = job.communicate(timeout=900)
     assert job.returncode == 0 and "succeeded" in output, output[-3000:]
+    assert "EL2N scoring: 2 of 2 networks" in output
     store = TrajectoryStore(f"s3://{BUCKET}/ray_mtt/mnist/experts_convnet")
     assert overlapping(assert_complete(store))
+    assert store.read_meta()["optimizer"].startswith("gsam(") and store.read_meta()["data_schedule"].startswith("pad(")
     keys = s3.keys("ray_mtt/mnist/experts_convnet/")
     assert any(k.startswith("ray_mtt/mnist/experts_convnet/_ray/") for k in keys)
+    scores = {f"ray_mtt/mnist/experts_convnet/difficulty/{name}.npy" for name in ("el2n_net000", "el2n_net001", "el2n")}
+    assert scores <= set(keys)
     assert not list(head.private.glob("**/expert_*"))  # nothing written to the driver's disk
 
 
