@@ -156,6 +156,7 @@ def test_pad_scored_gsam_experts_run_on_ray_through_killed_tasks_and_workers(clu
     from ray_mtt.core.difficulty import SCORES, network_file, network_scores, read_npy
     from ray_mtt.core.experts import epoch_batches
     from ray_mtt.core.storage import open_storage
+    import torch
     schedule = {"optimizer": "gsam", "gsam_rho": 0.05, "data_schedule": "pad", "schedule_aee": 1,
                 "removal_epochs": [2], "removal_ratios": [0.2], "difficulty_networks": 2, "difficulty_epochs": 3}
     cfg = tiny_config(tmp_path, experts={"num_experts": EXPERTS, "epochs": EPOCHS, "batch_size": 16, **schedule})
@@ -177,7 +178,6 @@ def test_pad_scored_gsam_experts_run_on_ray_through_killed_tasks_and_workers(clu
     storage = open_storage(cfg.expert_dir)
     nets = [read_npy(storage, network_file(k)) for k in range(2)]
     assert np.allclose(read_npy(storage, SCORES), (nets[0] + nets[1]) / 2)
-    import torch
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the task ran (cpus_per_worker 1)
     try:

@@ -217,11 +217,10 @@ def make_experts(cfg: Config, args: argparse.Namespace, data: Dataset | None = N
                  progress: bool = True) -> TrajectoryStore:
     """Train the experts the store lacks with the engine that `add_job_args` flags chose (first the
     EL2N scores their data schedule needs, when they have one)."""
+    if cfg.experts.data_schedule == "pad":
+        data = score_difficulty(cfg, args, data)  # checks for ray itself, before any scoring
     if args.engine == "ray":
         require_ray()
-    if cfg.experts.data_schedule == "pad":
-        data = score_difficulty(cfg, args, data)
-    if args.engine == "ray":
         from ..scale.experts_job import run_job
         return run_job(cfg.absolute_paths(), args.address, options_from_args(JobResources, args))
     return train_experts(cfg, data or load_expert_data(cfg, resolve_device(cfg.device)), progress=progress)
